@@ -1,0 +1,225 @@
+"""A Llama-2-family decoder in plain PyTorch, small enough to read in one sitting.
+
+The network is the one in Touvron et al. 2023 ("Llama 2") as Hugging Face lays it out:
+
+    tokens -> embed_tokens -> N x [ x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)) ] -> RMSNorm -> lm_head
+
+* RMSNorm instead of LayerNorm (no mean, no bias), computed in float32.
+* Rotary position embeddings in the *rotate-half* layout Hugging Face checkpoints use:
+  the first and second halves of each head dimension form the (x, y) pairs being rotated.
+* Grouped-query attention: ``num_key_value_heads`` <= ``num_attention_heads``; each key/value
+  head serves ``num_attention_heads // num_key_value_heads`` query heads (Llama-2-7B: 32/32,
+  SmolLM2-135M: 9/3).
+* A SwiGLU MLP: down(silu(gate(x)) * up(x)).
+* Optionally tied input/output embeddings (SmolLM2, stories260K).
+
+Module and parameter names are exactly the Hugging Face checkpoint names
+(``model.layers.0.self_attn.q_proj.weight`` ...), so a ``model.safetensors`` file loads with no
+renaming table, and LoRA adapters keyed by those names are PEFT-compatible.
+
+A static KV cache (as in gpt-fast) makes generation cost one token's work per step: the keys and
+values of every past position are kept in preallocated tensors indexed by position ("slot").
+Prefill writes slots [0, T) in one forward; each decode step writes one slot.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, with the statistics in float32 (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (B, 1, T, head_dim) for the given integer positions (B, T).
+
+    Frequency i (of head_dim/2) turns by angle pos * theta^(-2i/head_dim). Both halves of the
+    head dimension share the frequencies (rotate-half layout), hence the ``cat``.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + d/2]) pair by its position's angle."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer position ("slot") of a batch of sequences."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, H, T, D) at slots [start, start+T); return every slot written so far."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, start_pos: int | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        # Without a mask, a causal mask is only needed when queries see their own block of keys.
+        causal = mask is None and T > 1 and k.shape[2] == T
+        if self.n_kv_heads != self.n_heads:
+            # Grouped-query attention: each kv head is shared by a group of consecutive q heads.
+            # (repeat_interleave is as fast as SDPA's enable_gqa on CPU and works everywhere.)
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The transformer body (``model.*`` in checkpoints)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: query at slot start+t may see key slot s iff s <= start+t and
+    key s is not padding. A query always sees itself, so a padding query (left padding) attends to
+    something and its (ignored) output is finite rather than NaN."""
+    S = key_mask.shape[1]
+    q_slots = torch.arange(start, start + T, device=key_mask.device)[:, None]
+    k_slots = torch.arange(S, device=key_mask.device)[None, :]
+    allowed = (k_slots <= q_slots)[None] & key_mask[:, None, :].bool()
+    return (allowed | (k_slots == q_slots)[None])[:, None]
+
+
+class Llama(nn.Module):
+    """Llama causal language model: ``logits = Llama(config)(input_ids)``.
+
+    ``forward`` has three uses:
+    * training / scoring: ``model(ids, attention_mask)`` over whole (right-padded) sequences;
+    * prefill: ``model(ids, attention_mask, position_ids, start_pos=0)`` after ``setup_cache``;
+    * decode: ``model(next_ids[:, None], attention_mask, position_ids, start_pos=t)``.
+    ``attention_mask`` (B, S) marks real tokens (1) vs padding (0) over every slot seen so far.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    # --- KV cache -----------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a fresh cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = self.model.embed_tokens.weight.device
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, start_pos: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position with ``last_only``."""
+        B, T = input_ids.shape
+        start = start_pos or 0
+        if position_ids is None:
+            if attention_mask is not None and start_pos is None:
+                # Left padding: a row's first real token is position 0 (cumsum - 1, as torchtune).
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask_4d(attention_mask, start, T)
+        elif T > 1 and start > 0:  # a block of queries after cached keys: causal with an offset
+            mask = attention_mask_4d(torch.ones(B, start + T, device=input_ids.device), start, T)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, start_pos)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
