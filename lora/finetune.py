@@ -1,0 +1,271 @@
+"""The LoRA fine-tuning loop: (prompt, target) pairs in, a PEFT-format adapter out.
+
+One optimizer step:
+    for each of ``grad_accum`` micro-batches:  loss_sum(target tokens) / tokens(all micro-batches) -> backward
+    clip the gradient norm, set the learning rate (warmup then cosine/linear decay), AdamW step.
+
+Dividing each micro-batch's *summed* loss by the token count of the whole accumulated batch makes
+k micro-batches produce exactly the gradient of one batch k times larger.
+
+Everything a run needs to continue is checkpointed every ``save_every`` steps, atomically (a
+temporary folder renamed into place): the adapter (PEFT format), AdamW's moments, the step, and
+the RNG state. The data order is a pure function of (seed, epoch), so the step number alone says
+where in the data to resume. No pickle: tensors go to safetensors, the rest to JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data.batching import (collate, length_grouped_batches, masked_lm_loss, target_token_count,
+                           tokenize_pair)
+
+from .adapter import load_adapter, save_adapter
+from .inject import inject_lora, lora_parameters
+
+QLORA_RECIPE = dict(r=64, alpha=16, dropout=0.05, targets=("all-linear",), lr=2e-4)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    r: int = 8
+    alpha: float = 32
+    dropout: float = 0.05
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 512
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # or "linear"
+    clip: float = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    autocast: bool = True  # bf16 autocast where the hardware supports it
+    gradient_checkpointing: bool = False
+    base_model: str = ""
+    extra: dict = field(default_factory=dict)  # anything the caller wants recorded with the adapter
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); otherwise off."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: adapter + optimizer + step + RNG, written atomically
+# ------------------------------------------------------------------------------------------
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, names: list[str], cfg: TrainConfig) -> Path:
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.base_model)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for name, p in zip(names, optimizer.param_groups[0]["params"]):
+        st = optimizer.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"{name}.{k}"] = st[k].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    old = sorted(ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(d for d in ckpt_root.glob("step-*") if (d / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, names: list[str]) -> int:
+    load_adapter(model, path / "adapter")
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    for name, p in zip(names, optimizer.param_groups[0]["params"]):
+        if f"{name}.exp_avg" in tensors:
+            optimizer.state[p] = {
+                "step": tensors[f"{name}.step"].reshape(()),
+                "exp_avg": tensors[f"{name}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device),
+            }
+    torch.set_rng_state(tensors["rng.torch"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def rewrite_log_until(log_path: Path, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if not log_path.exists():
+        return
+    rows = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, log_path)
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device, use_autocast: bool) -> float:
+    """Mean next-token loss per target token over held-out batches."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for b in batches:
+        with autocast_context(device, use_autocast):
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        total += float(masked_lm_loss(logits, b["labels"].to(device), reduction="sum"))
+        tokens += target_token_count(b["labels"])
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainConfig,
+          eval_pairs: Sequence[tuple[str, str]] = (), resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune LoRA adapters on ``model`` (bf16 or NF4 base) and write ``cfg.out_dir``:
+
+    adapter/ (PEFT format), metrics.jsonl (one JSON row per logged step and eval),
+    checkpoints/step-N/ (resumable), train_config.json. Returns a summary dict.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root, log_path = out / "checkpoints", out / "metrics.jsonl"
+    device = model.model.embed_tokens.weight.device
+    torch.manual_seed(cfg.seed)
+
+    examples = [tokenize_pair(tokenizer, p, t, cfg.max_len) for p, t in train_pairs]
+    if not examples:
+        raise ValueError("no training pairs")
+    n_trunc = sum(e.truncated for e in examples)
+    eval_examples = [tokenize_pair(tokenizer, p, t, cfg.max_len) for p, t in eval_pairs]
+    eval_batches = [collate(eval_examples[i:i + cfg.batch_size], tokenizer.pad_id)
+                    for i in range(0, len(eval_examples), cfg.batch_size)]
+    lengths = [len(e.input_ids) for e in examples]
+    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size) // cfg.grad_accum)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    report = inject_lora(model, targets=list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                         seed=cfg.seed)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"total_steps": total_steps}, indent=2,
+                                                      default=list))
+    print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
+          f"trainable%: {100 * report['trainable'] / report['total']:.4f}")
+    print(f"{len(examples)} training examples ({n_trunc} truncated to {cfg.max_len} tokens), "
+          f"{len(eval_examples)} held out; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples")
+
+    start = 0
+    if resume and (ck := latest_checkpoint(ckpt_root)) is not None:
+        start = load_checkpoint(ck, model, optimizer, names)
+        rewrite_log_until(log_path, start)
+        print(f"resumed from {ck} at step {start}")
+    elif not resume and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log
+
+    def micro_batches(step: int):
+        """The micro-batches of optimizer step ``step``: a pure function of (seed, epoch, step)."""
+        out_batches = []
+        for k in range(cfg.grad_accum):
+            flat = step * cfg.grad_accum + k
+            epoch, idx = divmod(flat, steps_per_epoch * cfg.grad_accum)
+            order = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            out_batches.append(collate([examples[j] for j in order[idx % len(order)]], tokenizer.pad_id))
+        return out_batches
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    last_eval = None
+    t_start, tokens_seen = time.perf_counter(), 0
+    with open(log_path, "a") as log:
+        for step in range(start, total_steps):
+            lr = lr_at(step, total_steps, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batches = micro_batches(step)
+            n_tokens = sum(target_token_count(b["labels"]) for b in batches)
+            loss_total = 0.0
+            for b in batches:
+                with autocast_context(device, cfg.autocast):
+                    logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+                loss = masked_lm_loss(logits, b["labels"].to(device), reduction="sum") / max(n_tokens, 1)
+                if not torch.isfinite(loss):
+                    ck = latest_checkpoint(ckpt_root)
+                    raise TrainingDiverged(f"loss is {float(loss)} at step {step}: stopping; the last good "
+                                           f"checkpoint is {ck or 'none (no checkpoint written yet)'}")
+                loss.backward()
+                loss_total += float(loss)
+                tokens_seen += int(b["attention_mask"].sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            elapsed = time.perf_counter() - t_start
+            row = {"step": done, "loss": round(loss_total, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(tokens_seen / elapsed, 1)}
+            if cfg.eval_every and eval_batches and (done % cfg.eval_every == 0 or done == total_steps):
+                last_eval = evaluate_loss(model, eval_batches, device, cfg.autocast)
+                row["eval_loss"] = round(last_eval, 6)
+            if done % cfg.log_every == 0 or "eval_loss" in row or done == total_steps:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if bar:
+                bar.set_postfix(loss=f"{loss_total:.3f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"eval": f"{last_eval:.3f}"} if last_eval is not None else {}))
+                bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                log.flush()
+                save_checkpoint(ckpt_root, done, model, optimizer, names, cfg)
+    if bar:
+        bar.close()
+    model.eval()
+    save_adapter(model, out / "adapter", base_model_name_or_path=cfg.base_model, extra_config=cfg.extra or None)
+    return {"steps": total_steps, "final_loss": loss_total if total_steps > start else None,
+            "eval_loss": last_eval, "truncated": n_trunc, "examples": len(examples),
+            "trainable": report["trainable"], "total": report["total"], "adapter": str(out / "adapter")}
