@@ -237,7 +237,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
                 loss = masked_lm_loss(logits, b["labels"].to(device), reduction="sum") / max(n_tokens, 1)
                 if not torch.isfinite(loss):
                     ck = latest_checkpoint(ckpt_root)
-                    raise TrainingDiverged(f"loss is {float(loss)} at step {step}: stopping; the last good "
+                    raise TrainingDiverged(f"loss is {float(loss)} at step {step + 1}: stopping; the last good "
                                            f"checkpoint is {ck or 'none (no checkpoint written yet)'}")
                 loss.backward()
                 loss_total += float(loss)
