@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=DEFAULTS.save_every, help="checkpoint every N steps (0 = never)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                   help="after training, push the adapter + a model card to this hub repo (token from HF_TOKEN "
+                        "or the login cache); the upload folder is written to OUT/hub-upload first")
     return p
 
 
@@ -134,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"adapter written to {summary['adapter']} (final loss {summary['final_loss']}, eval loss {summary['eval_loss']})")
+    if args.push_to_hub:
+        from data.publish import PushError, publish_adapter
+        info = dict(cfg.extra, base_model=args.model, examples=summary["examples"], steps=summary["steps"],
+                    precision=f"{args.quantize or args.dtype or 'bf16'} base, fp32 LoRA",
+                    final_loss=summary["final_loss"], eval_loss=summary["eval_loss"])
+        try:
+            publish_adapter(summary["adapter"], args.push_to_hub, info, f"{args.out}/hub-upload")
+        except PushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
 
 

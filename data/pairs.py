@@ -71,16 +71,18 @@ class Pair:
     def from_dict(cls, row: Mapping[str, Any], where: str = "") -> "Pair":
         """Build a Pair from a JSON object, or raise DataError naming ``where``.
 
-        ``id``, ``instruction`` and ``output`` are required strings; ``source`` and
-        ``meta`` are optional.
+        ``instruction`` and ``output`` are required strings; ``id`` (derived from the
+        content with :func:`make_id` when absent), ``source`` and ``meta`` are optional.
         """
         prefix = f"{where}: " if where else ""
-        missing = [k for k in ("id", "instruction", "output") if k not in row]
+        missing = [k for k in ("instruction", "output") if k not in row]
         if missing:
             raise DataError(
                 f"{prefix}missing field(s) {missing}; expected a pair "
-                '{"id", "instruction", "output"[, "source"]}'
+                '{"instruction", "output"[, "id", "source"]}'
             )
+        if "id" not in row:  # a plain {instruction, output} file: derive a stable id from the content
+            row = {**row, "id": make_id(str(row.get("source") or "pair"), str(row["instruction"]), str(row["output"]))}
         for key in ("id", "instruction", "output", "source"):
             if key in row and not isinstance(row[key], str):
                 raise DataError(f"{prefix}field {key!r} must be a string, got {type(row[key]).__name__}")

@@ -240,7 +240,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
                     raise TrainingDiverged(f"loss is {float(loss)} at step {step + 1}: stopping; the last good "
                                            f"checkpoint is {ck or 'none (no checkpoint written yet)'}")
                 loss.backward()
-                loss_total += float(loss)
+                loss_total += float(loss.detach())
                 tokens_seen += int(b["attention_mask"].sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             optimizer.step()
