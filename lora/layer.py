@@ -33,6 +33,28 @@ from .quant import dequantize_4bit_weight, disable_cpu_packing_, is_4bit, quanti
 INITS = ("kaiming", "gaussian")
 
 
+class UniformDropout(nn.Module):
+    """Dropout that draws its mask by comparing uniform samples with p.
+
+    Same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, kept ones
+    scaled by 1 / (1 - p)), but ``torch.rand`` is several times faster on CPU than the Bernoulli
+    sampler ``nn.Dropout`` uses, and LoRA draws one mask per adapted layer per step: on a CPU this
+    was a fifth of a whole training step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoRALinear(nn.Module):
     """``base_layer(x) + (alpha / r) · lora_B(lora_A(dropout(x)))``.
 
@@ -64,7 +86,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = UniformDropout(dropout) if dropout > 0 else nn.Identity()
         # Built and initialised on the CPU (so a seeded CPU generator gives the same A on every
         # device), then moved next to the base weight.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device="cpu")
@@ -99,7 +121,10 @@ class LoRALinear(nn.Module):
                                    "base weight): unmerge first")
             return result
         # The adapter runs in its own dtype (float32), and the sum is rounded once, at the end.
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        # Under autocast the matmuls run in bf16 whatever the input's dtype, so the cast is skipped.
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(h)) * self.scaling
         return (result + update).to(result.dtype)
 
