@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Self-curation: the seed model rates every augmented pair 1-5 and the best are kept.
+
+    python curate.py --model BASE --adapter runs/seed/adapter --pairs augmented.jsonl \\
+        --out rated.jsonl --curated curated.jsonl --threshold 5 --k-shot 3
+
+The rater is the seed model M0, as in the paper: whatever --model/--adapter give. It writes
+a short reasoning and "Score: N" (greedy by default); answers without a readable score get
+one from the model's next-token probabilities after a forced "Score:" (data/curate.py).
+--out collects every rated row (appended, resumable: run the same command again after an
+interruption); --curated is rewritten at the end with the pairs scored >= --threshold
+(5 = the paper's A5 set, 4 = A4), ready for `train.py --data curated.jsonl`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from generate import (INPUT_ERRORS, UsageError, add_model_flags, adapter_settings, batch_seed, check_direction,
+                      load_for_inference, resolve_tag, short)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--pairs", required=True,
+                   help="pairs to rate: generate.py's self-augmentation output (or any spec data.readers reads)")
+    g.add_argument("--out", required=True, help="rated rows, JSONL (appended to; ids already there are skipped)")
+    g.add_argument("--curated", required=True, help="the selected pairs, JSONL (rewritten atomically at the end)")
+    g.add_argument("--threshold", type=int, choices=[1, 2, 3, 4, 5], default=5,
+                   help="keep pairs scored >= this (default 5: the paper's A5; 4 gives A4)")
+    g.add_argument("--shard", default=None, help="i/n: rate only every n-th pair from position i "
+                   "(run n shards with separate --out/--curated files)")
+    add_model_flags(p)
+    g = p.add_argument_group("rating")
+    g.add_argument("--k-shot", type=int, default=3,
+                   help="few-shot demonstrations before the Table 1 prompt, 0-5 (default 3; the paper uses 0)")
+    g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
+                   help="tag line in the rating prompt; auto = 'seed' if the adapter was trained with a tag, else none")
+    g.add_argument("--max-new-tokens", type=int, default=96, help="tokens for the reasoning and score (default 96)")
+    g.add_argument("--temperature", type=float, default=0.0, help="rater sampling temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rater nucleus mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, used when --temperature > 0 (default 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="pairs rated together (default 8)")
+    g.add_argument("--no-fallback", action="store_true",
+                   help="do not score unreadable answers from log-probabilities (they stay unscored)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
+    """Histogram, how the scores were obtained, and the extremes, to judge the rater by eye."""
+    from data.curate import extremes, histogram, method_counts, render_histogram
+    total = len(rows)
+    methods = method_counts(rows)
+    scored = methods["text"] + methods["logprob"]
+    print(f"\nscore histogram ({total} rated pairs):")
+    print(render_histogram(histogram(rows)))
+    pct = (lambda n: f"{100 * n / total:.1f}%") if total else (lambda n: "-")
+    print(f"\nscores from text: {methods['text']} ({pct(methods['text'])}), from the log-prob fallback: "
+          f"{methods['logprob']} ({pct(methods['logprob'])}), none: {methods['none']}; "
+          f"valid: {scored}/{total} ({pct(scored)})")
+    top, bottom = extremes(rows, 5)
+    for title, chosen in (("highest", top), ("lowest", bottom)):
+        print(f"\n{len(chosen)} {title} rated:")
+        for row in chosen:
+            print(f"- score {row['score']} ({row['score_method']}) [{row['id']}] {short(row['instruction'], 90)}\n"
+                  f"  output: {short(row['output'], 90)}")
+    print(f"\n{n_curated} pairs scored >= {threshold} selected")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from data.augment import parse_shard, shard
+        from data.curate import RATER_STOPS, logprob_scorer, rate, read_rated, select
+        from data.pairs import write_jsonl_atomic
+        from data.readers import format_stats, load_source
+        from model import generate
+
+        if not 0 <= args.k_shot <= 5:
+            raise UsageError(f"--k-shot {args.k_shot}: expected 0-5")
+        try:
+            i, n = parse_shard(args.shard) if args.shard else (0, 1)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        settings = adapter_settings(args.adapter)
+        check_direction(settings, "forward", "rating (the seed model answering the Table 1 prompt)")
+        tag = resolve_tag(args.tag, settings)
+        pairs, stats = load_source(args.pairs)
+        print(format_stats(args.pairs, stats))
+        pairs = shard(pairs, i, n)
+
+        model, tok = load_for_inference(args)
+
+        def complete(prompts: list[str]) -> list[str]:
+            return generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop=list(RATER_STOPS), seed=batch_seed(args.seed, prompts),
+                            batch_size=args.batch_size)
+
+        score_next = None if args.no_fallback else logprob_scorer(model, tok, batch_size=args.batch_size)
+        t0 = time.perf_counter()
+        counts = rate(pairs, complete, score_next, args.out, k_shot=args.k_shot, batch_size=args.batch_size,
+                      tag=tag, progress=not args.no_progress)
+        print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" ({time.perf_counter() - t0:.1f}s, "
+              f"k_shot={args.k_shot}, tag={tag or 'none'})")
+
+        # Report and select over this input's rows only (the --out file may hold other runs' rows too).
+        ours = {p.id for p in pairs}
+        have = Path(args.out).is_file() and Path(args.out).stat().st_size > 0
+        rows = [row for row in read_rated(args.out) if row["id"] in ours] if have else []
+        curated = select(rows, args.threshold)
+        write_jsonl_atomic(args.curated, curated)
+        print_report(rows, args.threshold, len(curated))
+        print(f"curated pairs written to {args.curated}")
+        # (Publishing args.curated, e.g. a --push-to-hub flag, belongs here: after the atomic write.)
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Self-curation: the seed model rates every augmented pair 1-5; only the best are kept.
+
+Step 2 of instruction backtranslation (Li et al. 2023, Section 2.3). Self-augmentation
+gives many candidate pairs, and many are poor: the text was an ad, a menu, a forum
+post, or the generated instruction does not match it. The seed model (fine-tuned on
+the seed pairs only) is asked, with the prompt of the paper's Table 1
+(:func:`data.templates.rating_prompt`), to reason briefly and end with ``Score: N``.
+Pairs scored 5 form the paper's A5 set (A4 keeps scores >= 4); the next model is
+fine-tuned on them.
+
+Getting a score for every row. A small or briefly trained rater often forgets the
+score line, or writes ``Score: 10``. Then, instead of losing the row, we *force* the
+format: append ``Score:`` to the prompt (after the model's own reasoning) and ask the
+model which of the five digits it finds likeliest next, i.e. compare
+log p(" 1" | prompt) .. log p(" 5" | prompt). That always yields a score, so every row
+is rated either by ``"text"`` (parsed, :func:`data.scores.parse_score`) or by
+``"logprob"`` (the fallback), and ``score_method`` records which.
+
+As in :mod:`data.augment`, the model work is passed in as callables,
+
+* ``complete(prompts) -> texts``: the rater's free-text answers;
+* ``score_next(prompts) -> [{1: logp, ..., 5: logp}, ...]``: the fallback, built from
+  a model by :func:`logprob_scorer`;
+
+and rated rows are appended batch by batch, so an interrupted run resumes where it
+stopped.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from data.augment import batches, read_done_ids
+from data.pairs import DataError, Pair, append_jsonl, iter_jsonl
+from data.scores import MAX_SCORE, MIN_SCORE, parse_score
+from data.templates import Tag, rating_prompt
+
+SCORES = tuple(range(MIN_SCORE, MAX_SCORE + 1))  # 1, 2, 3, 4, 5
+
+Complete = Callable[[list[str]], list[str]]
+ScoreNext = Callable[[list[str]], list[dict[int, float]]]
+
+# After its verdict a few-shot rater tends to write the next demonstration
+# ("Example 4:\n...Score: 2"), and parse_score reads the *last* score line, so the text
+# is cut there. The sampler can stop at these strings too (generate(..., stop=RATER_STOPS)).
+RATER_STOPS = ("\n### ", "\nExample ")
+_NEXT_BLOCK = re.compile(r"^[ \t]*(?:#{2,}[ \t]*\w+:|Example \d+:)", re.MULTILINE)
+
+
+# ----------------------------------------------------------------- reading a verdict
+
+
+def clean_rating(text: str) -> str:
+    """The rater's answer without anything after it (a new header or demonstration)."""
+    match = _NEXT_BLOCK.search(text)
+    return (text[:match.start()] if match else text).strip()
+
+
+def forced_score_prompt(prompt: str, rater_text: str) -> str:
+    """The prompt for the fallback: the rating prompt, the model's own reasoning, then
+    ``Score:``, so that the next token *must* be the verdict.
+
+    The reasoning is kept (the score should follow from it, as in a normal answer),
+    minus any unusable score line and what came after it.
+    """
+    lines = rater_text.splitlines()
+    score_lines = [i for i, line in enumerate(lines) if "score" in line.lower()]
+    if score_lines:
+        lines = lines[:score_lines[-1]]
+    reasoning = "\n".join(lines).strip()
+    return f"{prompt}{reasoning}\nScore:" if reasoning else f"{prompt}Score:"
+
+
+def verdict_from_logprobs(logprobs: Mapping[int, float]) -> tuple[int, list[float], float]:
+    """(argmax score, the five probabilities renormalised over 1..5, expected score).
+
+    The expected score sum(s * p(s)) is a finer-grained signal than the argmax (4.49
+    vs 3.51 are both "4"), recorded for anyone who wants to rank within a score.
+    """
+    missing = [s for s in SCORES if s not in logprobs]
+    if missing:
+        raise ValueError(f"score_next must give a log-probability for each of {list(SCORES)}; missing {missing}")
+    lps = [float(logprobs[s]) for s in SCORES]
+    top = max(lps)
+    weights = [math.exp(lp - top) for lp in lps]  # subtract the max: no overflow
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    best = SCORES[lps.index(top)]
+    return best, probs, sum(s * p for s, p in zip(SCORES, probs))
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, out_path: str | Path,
+         k_shot: int = 3, batch_size: int = 8, tag: Tag | None = "seed", progress: bool = True) -> dict[str, int]:
+    """Rate every pair and append the rated rows to ``out_path``; skip ids already there.
+
+    Args:
+        pairs: (instruction, output) candidates, e.g. the output of :func:`data.augment.augment`.
+        complete: the rater: prompts in, free-text answers out, in order.
+        score_next: the fallback for answers without a valid score (see module
+            docstring); None disables it, and such rows get ``score: null``.
+        k_shot: few-shot demonstrations in the rating prompt (0 = the paper's zero-shot).
+        batch_size: prompts per ``complete`` call and rows per durable write.
+        tag: the tag line the rater saw on its training data (None for none).
+
+    Each row is the pair plus ``k`` (the prompt's k_shot), ``rater_output`` (the raw
+    text), ``score`` (1-5), ``score_method`` ("text", "logprob" or "none"), and for
+    "logprob" rows ``score_probs`` (p(1)..p(5)) and ``expected_score``.
+
+    Returns:
+        counts: ``input``, ``skipped_done``, ``rated`` (now), and how many of those were
+        scored by ``text``, by ``logprob`` and by ``none``.
+    """
+    for p in pairs:
+        if not p.instruction.strip() or not p.output.strip():
+            raise DataError(f"pair {p.id}: rating needs both an instruction and an output")
+    ids = [p.id for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise DataError("duplicate ids in the pairs to rate; resuming needs unique ids")
+    done = read_done_ids(out_path)
+    todo = [p for p in pairs if p.id not in done]
+    stats = dict(input=len(pairs), skipped_done=len(pairs) - len(todo), rated=0, text=0, logprob=0, none=0)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="rate", unit="pair")
+    for batch in batches(todo, batch_size):
+        prompts = [rating_prompt(p.instruction, p.output, k_shot, tag) for p in batch]
+        texts = complete(prompts)
+        if len(texts) != len(batch):
+            raise ValueError(f"complete() returned {len(texts)} texts for {len(batch)} prompts")
+        rows = []
+        for pair, raw in zip(batch, texts):
+            score = parse_score(clean_rating(raw))
+            rows.append(pair.to_dict() | {"k": k_shot, "rater_output": raw, "score": score,
+                                          "score_method": "text" if score is not None else "none"})
+        # One fallback call for the whole batch's failures (a batched forward pass).
+        failed = [i for i, row in enumerate(rows) if row["score"] is None]
+        if failed and score_next is not None:
+            forced = [forced_score_prompt(prompts[i], clean_rating(texts[i])) for i in failed]
+            for i, logprobs in zip(failed, score_next(forced), strict=True):
+                best, probs, expected = verdict_from_logprobs(logprobs)
+                rows[i].update(score=best, score_method="logprob", score_probs=[round(p, 6) for p in probs],
+                               expected_score=round(expected, 4))
+        append_jsonl(out_path, rows)
+        for row in rows:
+            stats[row["score_method"]] += 1
+        stats["rated"] += len(rows)
+        if bar:
+            bar.update(len(batch))
+    if bar:
+        bar.close()
+    return stats
+
+
+# --------------------------------------------------------------- reading the ratings
+
+
+def read_rated(path: str | Path) -> list[dict[str, Any]]:
+    """The rated rows of a file written by :func:`rate` (DataError if one has no score field)."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if "score" not in row or "id" not in row:
+            raise DataError(f"{path}:{lineno}: not a rated row (needs 'id' and 'score'); was it written by curate.py?")
+        rows.append(row)
+    return rows
+
+
+def _score(row: Mapping[str, Any]) -> int | None:
+    s = row.get("score")
+    return s if isinstance(s, int) and s in SCORES else None
+
+
+def select(rated_rows: Iterable[Mapping[str, Any]], threshold: int = 5) -> list[Pair]:
+    """The pairs scored >= ``threshold``, as plain pairs for fine-tuning.
+
+    threshold=5 gives the paper's A5 set (the one its best model is trained on),
+    threshold=4 the larger, noisier A4. Rows without a score are never selected.
+    """
+    if threshold not in SCORES:
+        raise ValueError(f"threshold must be one of {list(SCORES)}, got {threshold}")
+    return [Pair.from_dict(row) for row in rated_rows
+            if (s := _score(row)) is not None and s >= threshold]
+
+
+def histogram(rated_rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
+    """How many rows got each score, {1: n1, ..., 5: n5} (zeros included; unscored rows left out)."""
+    counts = Counter(s for row in rated_rows if (s := _score(row)) is not None)
+    return {s: counts.get(s, 0) for s in SCORES}
+
+
+def render_histogram(hist: Mapping[int, int], width: int = 40) -> str:
+    """Text bars, highest score first::
+
+        5 | ##########                      12  30.0%
+        4 | ################                20  50.0%
+    """
+    total = sum(hist.values()) or 1
+    top = max(hist.values(), default=0) or 1
+    lines = []
+    for s in sorted(hist, reverse=True):
+        n = hist[s]
+        bar = "#" * round(width * n / top)
+        lines.append(f"{s} | {bar:<{width}} {n:>5} {100 * n / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def method_counts(rated_rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How the scores were obtained: {"text": n, "logprob": n, "none": n}."""
+    counts = Counter(row.get("score_method", "none") for row in rated_rows)
+    return {m: counts.get(m, 0) for m in ("text", "logprob", "none")}
+
+
+def extremes(rated_rows: Iterable[Mapping[str, Any]], n: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``n`` highest- and ``n`` lowest-rated rows, to eyeball what the rater rewards.
+
+    Ties are broken by the fallback's expected score where there is one (a finer
+    signal), then by file order.
+    """
+    rows = [dict(r) for r in rated_rows if _score(r) is not None]
+
+    def key(row: dict[str, Any]) -> float:
+        return row["score"] + 0.01 * (row.get("expected_score", row["score"]) - row["score"])
+    ranked = sorted(rows, key=key, reverse=True)  # sorted() is stable: file order within ties
+    lowest = sorted(rows, key=key)
+    return ranked[:n], lowest[:n]
+
+
+# -------------------------------------------------------------- the fallback from a model
+
+
+def digit_continuations(tok: Any, probe: str = "The answer is clear and complete.\nScore:") -> list[str]:
+    """The strings c1..c5 such that, for this tokenizer, scoring ``prompt`` + ``c_s``
+    (tokenized separately, as :func:`model.sampling.token_logprobs` does) gives exactly
+    the tokens the model would see in the text ``"...Score: s"``.
+
+    Why this is a question at all: the space before the digit is tokenized differently.
+    Llama-2's sentencepiece writes "Score: 4" as ``Score : ▁ 4`` and encodes the
+    separate string "4" as ``▁ 4`` (it puts a "▁" in front of every text), but " 4" as
+    ``▁▁ 4``, a pair it never sees there. SmolLM2's byte-level BPE writes ``Score : Ġ 4``
+    and encodes " 4" as ``Ġ 4`` but "4" as ``4``. So the right continuation is "4" for
+    one and " 4" for the other; we try both and keep the one that matches.
+
+    For the tokenizers above the five continuations share every token but the last
+    (``▁``/``Ġ``), which is a single token per digit, so comparing the five summed
+    log-probabilities compares exactly p(digit | prompt, "Score: "). (Were a digit split
+    over several tokens, the sums would still compare the five whole strings.)
+    """
+    base = tok.encode(probe)
+    for form in (" {}", "{}"):
+        conts = [form.format(s) for s in SCORES]
+        if all(tok.encode(f"{probe} {s}") == base + tok.encode(c) for s, c in zip(SCORES, conts)):
+            return conts
+    raise ValueError(f"{type(tok).__name__}: neither ' N' nor 'N' tokenizes like the end of 'Score: N'; "
+                     f"the log-probability fallback does not support this tokenizer")
+
+
+def logprob_scorer(model: Any, tok: Any, batch_size: int = 8) -> ScoreNext:
+    """``score_next`` for :func:`rate` from a loaded model: for each prompt (ending in
+    ``Score:``), the log-probabilities of the five continuations "1".."5" (spelled for
+    this tokenizer by :func:`digit_continuations`), as ``{1: logp, ..., 5: logp}``."""
+    from model.sampling import score  # lazy: data/ does not need torch otherwise
+
+    conts = digit_continuations(tok)
+
+    def score_next(prompts: list[str]) -> list[dict[int, float]]:
+        flat_prompts = [p for p in prompts for _ in conts]
+        logps = score(model, tok, flat_prompts, conts * len(prompts), batch_size=batch_size)
+        return [dict(zip(SCORES, logps[i * len(conts):(i + 1) * len(conts)])) for i in range(len(prompts))]
+
+    return score_next
