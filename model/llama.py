@@ -108,12 +108,11 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)
         # Without a mask, a causal mask is only needed when queries see their own block of keys.
         causal = mask is None and T > 1 and k.shape[2] == T
-        if self.n_kv_heads != self.n_heads:
-            # Grouped-query attention: each kv head is shared by a group of consecutive q heads.
-            # (repeat_interleave is as fast as SDPA's enable_gqa on CPU and works everywhere.)
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # Grouped-query attention: each kv head serves n_heads / n_kv_heads consecutive q heads.
+        # enable_gqa lets SDPA index the shared kv heads instead of copying them per q head
+        # (repeat_interleave), which on a decode step costs more than the attention itself.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -221,5 +220,7 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, start_pos)
         x = self.model.norm(x)
         if last_only:
-            x = x[:, -1:]
+            # contiguous: a strided 3-D input sends F.linear down a batched-matmul path that
+            # copies the whole (vocab x hidden) weight once per row.
+            x = x[:, -1:].contiguous()
         return self.lm_head(x)
