@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward: learn output given instruction; backward: learn instruction given output")
     g.add_argument("--tag", choices=["seed", "augmented", "none"], default="none",
                    help="forward only: the paper's tag line before the instruction (seed = 'Answer in the style "
-                        "of an AI Assistant.', augmented = 'Answer with knowledge from web search.')")
+                        "of an AI Assistant.', augmented = 'Answer with knowledge from web search.'); a pair's "
+                        "own meta.tag, when present, wins")
     g.add_argument("--eval-data", default=None, help="held-out pairs for the eval loss (default: --eval-frac of --data)")
     g.add_argument("--eval-frac", type=float, default=0.05, help="share of --data held out when no --eval-data (default 0.05)")
     g.add_argument("--max-len", type=int, default=DEFAULTS.max_len,
@@ -91,11 +92,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                               "quantize": args.quantize})
 
 
+def pair_tag(pair, default: str | None) -> str | None:
+    """A pair's own tag (``meta.tag``, as the pipeline writes for seed vs augmented data) wins over
+    --tag: the paper trains one model on both, each pair tagged by where it came from."""
+    tag = pair.meta.get("tag", default)
+    return None if tag in (None, "none") else tag
+
+
 def to_examples(pairs, direction: str, tag: str | None) -> list[tuple[str, str]]:
     from data.templates import backward_example, forward_example
     if direction == "backward":
         return [tuple(backward_example(p.instruction, p.output)) for p in pairs]
-    return [tuple(forward_example(p.instruction, p.output, tag)) for p in pairs]
+    return [tuple(forward_example(p.instruction, p.output, pair_tag(p, tag))) for p in pairs]
 
 
 def load_pairs(spec: str) -> list:
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = None if args.tag == "none" else args.tag
     try:
         pairs = load_pairs(args.data)
+        if args.direction == "forward":  # record the tags really used (per-pair tags may mix)
+            used = sorted({pair_tag(p, tag) or "none" for p in pairs})
+            cfg.extra["tag"] = used[0] if len(used) == 1 else "+".join(used)
         if args.eval_data:
             train_pairs, eval_pairs = pairs, load_pairs(args.eval_data)
         else:

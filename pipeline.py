@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Instruction backtranslation end to end (Li et al. 2023, "Self-Alignment with Instruction
+Backtranslation", arXiv:2308.06259), as a chain of the project's own commands.
+
+    python pipeline.py --preset demo --workdir runs/demo           # SmolLM2-135M + our demo data, CPU
+    python pipeline.py --preset demo --workdir runs/shared \\
+        --seed-data ../shared/data/guanaco/guanaco_1k_train_human_assistant.jsonl \\
+        --unlabelled ../shared/data/lima/train.jsonl --test-prompts ../shared/data/lima/test.jsonl
+    python pipeline.py --preset assignment --workdir runs/a        # Llama-2-7B NF4, guanaco -> LIMA (one GPU)
+    python pipeline.py --preset paper --workdir runs/p             # oasst1 seed, web corpus, two iterations
+
+Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished stages, and
+--from STAGE redoes that stage and everything after it):
+
+  data       seed pairs, unlabelled texts (a seeded sample of --n-unlabelled), held-out prompts
+  backward   LoRA backward model p(instruction | output) on the seed pairs        (train.py)
+  m0         seed model M0: forward model on the seed pairs, tag "seed"           (train.py)
+  augment    self-augmentation: the backward model writes an instruction per text (generate.py)
+  curate     self-curation: M0 rates each pair 1-5 (Table 1 prompt + few-shot)   (curate.py)
+  forward    M1 on seed (tag seed) + curated (tag augmented) pairs               (train.py)
+  respond    M1 answers the held-out prompts; 5 are printed                       (generate.py)
+  (paper preset, iteration 2: curate2 with M1 as the rater, forward2 = M2, respond2)
+
+Every stage prints the equivalent command, so any step can be rerun or changed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEMO = ROOT / "data" / "demo"
+
+
+@dataclass
+class Preset:
+    model: str
+    seed_data: str
+    unlabelled: str
+    test_prompts: str
+    quantize: str | None = None
+    n_seed: int | None = None           # sample of the seed pairs (paper: 3,200 oasst1 pairs)
+    n_unlabelled: int | None = None     # texts to backtranslate (assignment: 150 LIMA completions)
+    n_test: int = 10                    # held-out prompts answered in "respond"
+    iterations: int = 1                 # paper: 2 (M0 -> M1 -> M2)
+    forward_data: str = "seed+curated"  # "curated" for the assignment's step 4
+    threshold: int = 5                  # A5: keep pairs rated 5
+    k_shot: int = 3
+    train: list[str] = field(default_factory=list)        # extra train.py flags, all trainings
+    augment: list[str] = field(default_factory=list)      # extra generate.py flags
+    curate: list[str] = field(default_factory=list)       # extra curate.py flags
+    respond: list[str] = field(default_factory=list)
+
+
+PRESETS = {
+    # SmolLM2-135M-Instruct and the demo set committed in data/demo: the whole method on a laptop CPU.
+    "demo": Preset(model="smollm2-135m-instruct", seed_data=str(DEMO / "seed.jsonl"),
+                   unlabelled=str(DEMO / "unlabelled.jsonl"), test_prompts=str(DEMO / "test_prompts.jsonl"),
+                   n_test=5, threshold=4, k_shot=2,
+                   train=["--epochs", "3", "--batch-size", "4", "--max-len", "384", "--lr", "5e-4",
+                          "--eval-frac", "0.1", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "3"],
+                   augment=["--max-new-tokens", "48", "--batch-size", "16"],
+                   curate=["--max-new-tokens", "48", "--batch-size", "8"],
+                   respond=["--max-new-tokens", "96", "--batch-size", "8"]),
+    # The course assignment: Llama-2-7B in NF4 on one Colab-class GPU.
+    "assignment": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4",
+                         seed_data="guanaco:timdettmers/openassistant-guanaco",
+                         unlabelled="lima:GAIR/lima", test_prompts="lima-prompts:GAIR/lima/test.jsonl",
+                         n_unlabelled=150, forward_data="curated",
+                         train=["--epochs", "1", "--batch-size", "4", "--grad-accum", "4", "--max-len", "1024",
+                                "--gradient-checkpointing", "--save-every", "100", "--eval-every", "100"],
+                         augment=["--max-new-tokens", "128", "--batch-size", "16"],
+                         curate=["--max-new-tokens", "128", "--batch-size", "8"],
+                         respond=["--max-new-tokens", "512", "--batch-size", "8"]),
+    # The paper's recipe at the scale one GPU allows: 3,200 oasst1 seed pairs, a web corpus, two iterations.
+    "paper": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4", seed_data="oasst1:OpenAssistant/oasst1",
+                    unlabelled="web:allenai/c4/en/c4-train.00000-of-01024.json.gz",
+                    test_prompts="lima-prompts:GAIR/lima/test.jsonl", n_seed=3200, n_unlabelled=5000,
+                    iterations=2, train=["--epochs", "2", "--batch-size", "4", "--grad-accum", "8",
+                                         "--max-len", "2048", "--gradient-checkpointing", "--qlora",
+                                         "--save-every", "200", "--eval-every", "200"],
+                    augment=["--max-new-tokens", "128", "--batch-size", "32"],
+                    curate=["--max-new-tokens", "128", "--batch-size", "16"],
+                    respond=["--max-new-tokens", "512", "--batch-size", "8"]),
+}
+STAGES = ["data", "backward", "m0", "augment", "curate", "forward", "respond", "curate2", "forward2", "respond2"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="recipe to run (default demo)")
+    p.add_argument("--workdir", required=True, help="run folder; each stage writes WORKDIR/<stage>/")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                   help="redo this stage and every later one (earlier finished stages are kept)")
+    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    g = p.add_argument_group("overrides (each replaces the preset's value)")
+    g.add_argument("--model", help="base model: folder, hub id or smollm2-135m-instruct")
+    g.add_argument("--quantize", choices=["nf4", "none"], help="4-bit NF4 base or none")
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    g.add_argument("--seed-data", help="seed pairs: any data.readers spec (guanaco:..., oasst1:..., a JSONL)")
+    g.add_argument("--unlabelled", help="texts to backtranslate: any spec (lima:..., web:..., a JSONL)")
+    g.add_argument("--test-prompts", help="held-out prompts for 'respond' (lima-prompts:..., a JSONL)")
+    g.add_argument("--n-seed", type=int, help="sample this many seed pairs")
+    g.add_argument("--n-unlabelled", type=int, help="sample this many unlabelled texts")
+    g.add_argument("--threshold", type=int, choices=range(1, 6), help="keep pairs rated >= this (paper: 5)")
+    g.add_argument("--k-shot", type=int, choices=range(0, 6), help="few-shot examples in the rating prompt")
+    g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
+    g.add_argument("--forward-data", choices=["seed+curated", "curated"], help="what the forward model trains on")
+    g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
+    g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
+                   help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
+                        "OWNER/PREFIX-curated (upload folders are written under WORKDIR/hub first)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    pre = PRESETS[args.preset]
+    over = {k: v for k, v in dict(model=args.model, seed_data=args.seed_data, unlabelled=args.unlabelled,
+                                  test_prompts=args.test_prompts, n_seed=args.n_seed, n_unlabelled=args.n_unlabelled,
+                                  threshold=args.threshold, k_shot=args.k_shot, iterations=args.iterations,
+                                  forward_data=args.forward_data).items() if v is not None}
+    if args.quantize:
+        over["quantize"] = None if args.quantize == "none" else args.quantize
+    if args.train_args:
+        over["train"] = pre.train + shlex.split(args.train_args)
+    return replace(pre, **over)
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def call(script: str, argv: list[str]) -> None:
+    """Run one of our scripts' main(argv) in this process, printing the equivalent command."""
+    print("$ python " + script + ".py " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    module = __import__(script)
+    rc = module.main(argv)
+    if rc:
+        raise StageFailed(f"{script}.py exited with status {rc}")
+
+
+def model_flags(pre: Preset, device: str | None) -> list[str]:
+    flags = ["--model", pre.model]
+    if pre.quantize:
+        flags += ["--quantize", pre.quantize]
+    if device:
+        flags += ["--device", device]
+    return flags
+
+
+def prepare_data(pre: Preset, seed: int, stage_dir: Path) -> list[str]:
+    """Read the three sources once and freeze them as JSONL files the later stages hash."""
+    from dataclasses import replace as dc_replace
+
+    from data.pairs import DataError, as_unlabelled, sample, write_jsonl_atomic
+    from data.readers import format_stats, load_source
+    seed_pairs, stats = load_source(pre.seed_data)
+    print(format_stats(pre.seed_data, stats))
+    seed_pairs = [p for p in seed_pairs if p.instruction.strip() and p.output.strip()]
+    if pre.n_seed:
+        seed_pairs = sample(seed_pairs, pre.n_seed, seed)
+    texts, stats = load_source(pre.unlabelled)
+    print(format_stats(pre.unlabelled, stats))
+    unlabelled = [dc_replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
+                  for p, u in zip(texts, as_unlabelled(texts)) if p.output.strip()]
+    if pre.n_unlabelled:
+        unlabelled = sample(unlabelled, pre.n_unlabelled, seed)
+    tests, stats = load_source(pre.test_prompts)
+    print(format_stats(pre.test_prompts, stats))
+    tests = [p for p in tests if p.instruction.strip()][:pre.n_test]
+    if not seed_pairs or not unlabelled or not tests:
+        raise DataError("a source gave no usable rows: "
+                        f"{len(seed_pairs)} seed pairs, {len(unlabelled)} texts, {len(tests)} prompts")
+    write_jsonl_atomic(stage_dir / "seed.jsonl", [dc_replace(p, meta={**p.meta, "tag": "seed"}) for p in seed_pairs])
+    write_jsonl_atomic(stage_dir / "unlabelled.jsonl", unlabelled)
+    write_jsonl_atomic(stage_dir / "test_prompts.jsonl", tests)
+    print(f"{len(seed_pairs)} seed pairs, {len(unlabelled)} unlabelled texts, {len(tests)} held-out prompts")
+    return ["seed.jsonl", "unlabelled.jsonl", "test_prompts.jsonl"]
+
+
+def forward_training_set(pre: Preset, seed_file: Path, curated_file: Path, out: Path) -> list[str]:
+    """Seed pairs tagged "seed" + curated pairs tagged "augmented" (the paper's mix), or curated only."""
+    from dataclasses import replace as dc_replace
+
+    from data.pairs import DataError, read_pairs, write_jsonl_atomic
+    curated = [dc_replace(p, meta={**p.meta, "tag": "augmented"}) for p in read_pairs(curated_file)] \
+        if curated_file.stat().st_size else []
+    rows = (read_pairs(seed_file) if pre.forward_data == "seed+curated" else []) + curated
+    if not rows:
+        raise DataError(f"{curated_file}: no curated pairs to train on (lower --threshold, or use "
+                        f"--forward-data seed+curated)")
+    write_jsonl_atomic(out / "train.jsonl", rows)
+    print(f"forward training set: {len(rows) - len(curated)} seed + {len(curated)} curated pairs")
+    return ["train.jsonl"]
+
+
+def show_responses(csv_path: Path, n: int = 5) -> None:
+    import csv
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    print(f"\n{min(n, len(rows))} example responses:")
+    for r in rows[:n]:
+        print(f"\n### Instruction: {r['instruction']}\n### Response: {r['output'][:600]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pre = resolve_preset(args)
+    from data.pairs import DataError
+    from data.stages import run_stage
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    stages = STAGES[:7] + (STAGES[7:] if pre.iterations == 2 else [])
+    redo_from = stages.index(args.from_stage) if args.from_stage in stages else None
+    last = stages.index(args.until) if args.until in stages else len(stages) - 1
+    mflags = model_flags(pre, args.device)
+    quiet = ["--no-progress"] if args.no_progress else []
+    (work / "preset.json").write_text(json.dumps(pre.__dict__, indent=2))
+
+    def stage(i_name: str, config: dict, inputs: list[Path], body) -> Path:
+        i = stages.index(i_name)
+        redo = redo_from is not None and i >= redo_from
+        d, _ = run_stage(i_name, work, config, [str(x) for x in inputs], body, redo=redo)
+        return d
+
+    def train_stage(name: str, data: Path, direction: str, tag: str) -> Path:
+        def body(d: Path) -> list[str]:
+            argv = mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
+                             "--seed", str(args.seed), "--resume"] + pre.train + quiet
+            call("train", argv)
+            return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+        return stage(name, {"model": pre.model, "quantize": pre.quantize, "direction": direction, "tag": tag,
+                            "train": pre.train, "seed": args.seed}, [data], body) / "adapter"
+
+    def curate_stage(name: str, rater: Path, augmented: Path) -> Path:
+        def body(d: Path) -> list[str]:
+            call("curate", mflags + ["--adapter", str(rater), "--pairs", str(augmented), "--out", str(d / "rated.jsonl"),
+                                     "--curated", str(d / "curated.jsonl"), "--threshold", str(pre.threshold),
+                                     "--k-shot", str(pre.k_shot), "--seed", str(args.seed)] + pre.curate + quiet)
+            return ["rated.jsonl", "curated.jsonl"]
+        return stage(name, {"model": pre.model, "threshold": pre.threshold, "k_shot": pre.k_shot,
+                            "curate": pre.curate}, [rater, augmented], body)
+
+    def respond_stage(name: str, adapter: Path, tests: Path) -> Path:
+        def body(d: Path) -> list[str]:
+            call("generate", mflags + ["--adapter", str(adapter), "--predict", str(tests), "--out",
+                                       str(d / "responses.csv"), "--seed", str(args.seed)] + pre.respond + quiet)
+            show_responses(d / "responses.csv")
+            return ["responses.csv"]
+        return stage(name, {"model": pre.model, "respond": pre.respond, "seed": args.seed}, [adapter, tests], body)
+
+    try:
+        plan = []
+        data_dir = stage("data", {"seed_data": pre.seed_data, "unlabelled": pre.unlabelled,
+                                  "test_prompts": pre.test_prompts, "n_seed": pre.n_seed,
+                                  "n_unlabelled": pre.n_unlabelled, "n_test": pre.n_test, "seed": args.seed},
+                         [], lambda d: prepare_data(pre, args.seed, d))
+        seed_file, texts, tests = data_dir / "seed.jsonl", data_dir / "unlabelled.jsonl", data_dir / "test_prompts.jsonl"
+        plan.append("data")
+        if last >= 1:
+            backward = train_stage("backward", seed_file, "backward", "none")
+        if last >= 2:
+            m0 = train_stage("m0", seed_file, "forward", "seed")
+        if last >= 3:
+            def augment_body(d: Path) -> list[str]:
+                call("generate", mflags + ["--adapter", str(backward), "--unlabelled", str(texts), "--out",
+                                           str(d / "augmented.jsonl"), "--seed", str(args.seed)] + pre.augment + quiet)
+                return ["augmented.jsonl"]
+            augmented = stage("augment", {"model": pre.model, "augment": pre.augment, "seed": args.seed},
+                              [backward, texts], augment_body) / "augmented.jsonl"
+        rater, curated_dirs, forward_adapters = m0 if last >= 2 else None, [], []
+        for it in range(1, pre.iterations + 1):
+            suffix = "" if it == 1 else "2"
+            if last < stages.index("curate" + suffix):
+                break
+            cdir = curate_stage("curate" + suffix, rater, augmented)
+            curated_dirs.append(cdir)
+            if last < stages.index("forward" + suffix):
+                break
+            fname = "forward" + suffix
+
+            def fbody(d: Path, cdir=cdir) -> list[str]:
+                out = forward_training_set(pre, seed_file, cdir / "curated.jsonl", d / "data")
+                argv = mflags + ["--data", str(d / "data" / out[0]), "--direction", "forward", "--tag", "seed",
+                                 "--out", str(d), "--seed", str(args.seed), "--resume"] + pre.train + quiet
+                call("train", argv)
+                return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+            fdir = stage(fname, {"model": pre.model, "quantize": pre.quantize, "forward_data": pre.forward_data,
+                                 "train": pre.train, "seed": args.seed}, [seed_file, cdir / "curated.jsonl"], fbody)
+            forward_adapters.append(fdir / "adapter")
+            rater = fdir / "adapter"  # iteration 2 curates with M1 (the paper's M1 -> M2 step)
+            if last >= stages.index("respond" + suffix):
+                respond_stage("respond" + suffix, fdir / "adapter", tests)
+        if args.push_to_hub and forward_adapters:
+            push(args.push_to_hub, pre, work, forward_adapters, curated_dirs)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\npipeline finished: {work}")
+    return 0
+
+
+def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:
+    """Publish the forward adapters and the last curated set; upload folders first, then the hub."""
+    from data.curate import histogram, read_rated
+    from data.publish import PushError, publish_adapter, publish_dataset
+    errors = []
+    for i, adapter in enumerate(adapters, start=1):
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        info = dict(base_model=pre.model, direction="forward", tag=cfg.get("tag", "seed"),
+                    data=f"{pre.seed_data} + curated {pre.unlabelled}", precision=pre.quantize or "bf16")
+        try:
+            publish_adapter(adapter, f"{prefix}-m{i}", info, work / "hub" / f"m{i}")
+        except PushError as e:
+            errors.append(str(e))
+    cdir = curated_dirs[-1]
+    rows = read_rated(cdir / "rated.jsonl")
+    info = dict(unlabelled=pre.unlabelled, backward_model=f"{pre.model} + backward LoRA", rater="seed model M0",
+                threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
+                kept=sum(1 for _ in open(cdir / "curated.jsonl")))
+    try:
+        publish_dataset(cdir / "curated.jsonl", f"{prefix}-curated", info, work / "hub" / "curated")
+    except PushError as e:
+        errors.append(str(e))
+    if errors:
+        raise StageFailed("; ".join(errors))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
