@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
     g.add_argument("--forward-data", choices=["seed+curated", "curated"], help="what the forward model trains on")
     g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")
+    g.add_argument("--augment-args", default="", help="extra generate.py flags for self-augmentation")
+    g.add_argument("--curate-args", default="", help="extra curate.py flags for self-curation")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -127,8 +129,10 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
                                   forward_data=args.forward_data).items() if v is not None}
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
-    if args.train_args:
-        over["train"] = pre.train + shlex.split(args.train_args)
+    for name in ("train", "augment", "curate"):  # later flags win in argparse, so these override the preset's
+        extra = getattr(args, f"{name}_args")
+        if extra:
+            over[name] = getattr(pre, name) + shlex.split(extra)
     return replace(pre, **over)
 
 

@@ -1,0 +1,104 @@
+"""pipeline.py end to end on a tiny random Llama with the committed demo data (CPU, ~1 minute).
+
+Every stage runs and writes what it promises; a re-run does nothing; --from curate redoes only
+curate and what follows; an augmentation killed mid-way resumes with no row lost or duplicated;
+a hub push with the hub unreachable leaves a complete upload folder and fails in one line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import model.sampling
+import pipeline
+from data.pairs import read_jsonl
+from tests.tiny import make_tiny
+
+FAST = ["--n-unlabelled", "8", "--train-args=--max-steps 2", "--augment-args=--batch-size 3 --max-new-tokens 12",
+        "--curate-args=--max-new-tokens 8 --batch-size 4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny(tmp_path_factory.mktemp("tiny"), std=0.1, hidden_size=64, intermediate_size=128))
+
+
+def manifests(work):
+    return {d.name: json.loads((d / "manifest.json").read_text())["finished"] + str((d / "manifest.json").stat().st_mtime_ns)
+            for d in work.iterdir() if (d / "manifest.json").exists()}
+
+
+def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert pipeline.main(["--workdir", str(work), "--model", tiny] + FAST) == 0
+    out = capsys.readouterr().out
+    assert set(manifests(work)) == {"data", "backward", "m0", "augment", "curate", "forward", "respond"}
+    augmented = read_jsonl(work / "augment/augmented.jsonl")
+    dropped = read_jsonl(work / "augment/augmented.jsonl.dropped.jsonl") if \
+        (work / "augment/augmented.jsonl.dropped.jsonl").exists() else []
+    assert len(augmented) + len(dropped) == 8
+    assert all({"id", "instruction", "output", "source"} <= set(r) for r in augmented)
+    rated = read_jsonl(work / "curate/rated.jsonl")
+    assert len(rated) == len(augmented)
+    assert all(1 <= r["score"] <= 5 and r["score_method"] in ("text", "logprob") for r in rated)
+    with open(work / "respond/responses.csv", newline="") as f:
+        responses = list(csv.DictReader(f))
+    assert len(responses) == 5 and set(responses[0]) == {"id", "instruction", "output"}
+    assert "example responses" in out and "highest rated" in out and "lowest rated" in out
+    assert (work / "forward/adapter/adapter_config.json").exists()
+
+    before = manifests(work)
+    assert pipeline.main(["--workdir", str(work), "--model", tiny] + FAST) == 0
+    assert manifests(work) == before, "a re-run must do nothing"
+    assert capsys.readouterr().out.count("up to date, skipped") == 7
+
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--from", "curate"] + FAST) == 0
+    after = manifests(work)
+    for name in ("data", "backward", "m0", "augment"):
+        assert after[name] == before[name], name
+    for name in ("curate", "forward", "respond"):
+        assert after[name] != before[name], name
+
+
+def test_killed_augmentation_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypatch):
+    work = tmp_path / "run"
+    real = model.sampling.generate
+    calls = {"n": 0}
+
+    def dies_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(model.sampling, "generate", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + FAST)
+    partial = read_jsonl(work / "augment/augmented.jsonl")
+    assert 0 < len(partial) <= 3 and not (work / "augment/manifest.json").exists()
+    monkeypatch.setattr(model.sampling, "generate", real)
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + FAST) == 0
+    dropped_file = work / "augment/augmented.jsonl.dropped.jsonl"
+    ids = [r["id"] for r in read_jsonl(work / "augment/augmented.jsonl")] + \
+        ([r["id"] for r in read_jsonl(dropped_file)] if dropped_file.exists() else [])
+    expected = [r["id"] for r in read_jsonl(work / "data/unlabelled.jsonl")]
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids) == 8
+
+
+def test_push_offline_keeps_a_complete_upload_folder_and_fails_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "run"
+    assert pipeline.main(["--workdir", str(work), "--model", tiny] + FAST) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # every stage is cached: this run only pushes
+    rc = pipeline.main(["--workdir", str(work), "--model", tiny, "--push-to-hub", "someone/humback-test"] + FAST)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "someone/humback-test-m1" in err
+    assert "the upload folder is complete at" in err
+    m1 = work / "hub/m1"
+    assert {p.name for p in m1.iterdir()} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    card = (m1 / "README.md").read_text()
+    assert "r=8" in card and "PeftModel.from_pretrained" in card and tiny in card
+    ds = work / "hub/curated"
+    assert (ds / "README.md").exists() and (ds / "data/train.jsonl").exists()
+    assert "Score histogram" in (ds / "README.md").read_text()
