@@ -186,3 +186,23 @@ def score(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], continuati
           batch_size: int = 8) -> list[float]:
     """Summed log-probability of each continuation given its prompt."""
     return [float(t.sum()) for t in token_logprobs(model, tokenizer, prompts, continuations, batch_size)]
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str],
+                        suffix_ids: Sequence[int] = (), batch_size: int = 8) -> torch.Tensor:
+    """log p(next token | prompt + suffix_ids) over the whole vocabulary, (len(prompts), vocab),
+    one forward per batch. The rater's fallback reads the five entries for "1".."5" from one row:
+    five candidate scores for the price of one pass (``score`` would run one pass per candidate).
+    ``suffix_ids``: tokens shared by every candidate before the one that differs (sentencepiece
+    writes " 4" as "▁" + "4", so the "▁" goes here)."""
+    device = model.model.embed_tokens.weight.device
+    rows = [r + list(suffix_ids) for r in encode_prompts(tokenizer, prompts)]
+    if any(not r for r in rows):
+        raise ValueError("empty prompt: the next token needs at least one token to condition on")
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = left_pad(rows[start:start + batch_size], tokenizer.pad_id, device)
+        logits = model(ids, mask, last_only=True)[:, -1]  # left padding: the last slot is every row's end
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
