@@ -244,3 +244,20 @@ def test_logprob_fallback_on_a_tiny_model(tmp_path: Path) -> None:
                  progress=False)
     assert stats["logprob"] == 5
     assert all(r["score"] in (1, 2, 3, 4, 5) for r in read_rated(out))
+
+
+def test_one_pass_fallback_equals_scoring_each_digit(tmp_path: Path) -> None:
+    """The one-forward fallback (next-token distribution after the shared space token) gives
+    the same verdict and the same renormalised probabilities as scoring "1".."5" one by one."""
+    from data.curate import verdict_from_logprobs
+    from model import load_model
+    from model.sampling import score
+    from tests.tiny import make_tiny
+    model, tok = load_model(llama_like_spm(make_tiny(tmp_path / "tiny")), device="cpu")
+    prompts = ["The capital of France is Paris.\nScore:", "Once upon a time.\nScore:"]
+    fast = logprob_scorer(model, tok)(prompts)
+    conts = digit_continuations(tok)
+    for prompt, lps in zip(prompts, fast):
+        slow = dict(zip((1, 2, 3, 4, 5), score(model, tok, [prompt] * 5, conts)))
+        a, b = verdict_from_logprobs(lps), verdict_from_logprobs(slow)
+        assert a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1], b[1])) < 1e-5
