@@ -10,6 +10,13 @@ one from the model's next-token probabilities after a forced "Score:" (data/cura
 --out collects every rated row (appended, resumable: run the same command again after an
 interruption); --curated is rewritten at the end with the pairs scored >= --threshold
 (5 = the paper's A5 set, 4 = A4), ready for `train.py --data curated.jsonl`.
+
+On several GPUs (or CPU processes), the same command under torchrun: rank r rates every N-th
+batch into its part file (rated.jsonl -> rated.rank{r}-of-{N}.jsonl, resumable), and rank 0
+merges the parts into --out in input order and writes --curated (see generate.py):
+
+    torchrun --nproc_per_node 8 curate.py --model BASE --adapter runs/seed/adapter \
+        --pairs augmented.jsonl --out rated.jsonl --curated curated.jsonl
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from generate import (INPUT_ERRORS, UsageError, add_model_flags, adapter_settings, batch_seed, check_direction,
-                      load_for_inference, resolve_tag, short)
+from generate import (INPUT_ERRORS, RANKS_WAIT, UsageError, add_model_flags, adapter_settings, batch_seed,
+                      check_direction, load_for_inference, merge_ranks, resolve_tag, shard_flag, short, split_work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +80,14 @@ def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lora import distributed
+    with distributed.session(backend="gloo", timeout=RANKS_WAIT):  # joins the others under torchrun
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora import distributed
     try:
-        from data.augment import parse_shard, shard
         from data.curate import RATER_STOPS, logprob_scorer, rate, read_rated, select
         from data.pairs import write_jsonl_atomic
         from data.readers import format_stats, load_source
@@ -82,17 +95,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 0 <= args.k_shot <= 5:
             raise UsageError(f"--k-shot {args.k_shot}: expected 0-5")
-        try:
-            i, n = parse_shard(args.shard) if args.shard else (0, 1)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        i, n = shard_flag(args.shard)
         settings = adapter_settings(args.adapter)
         check_direction(settings, "forward", "rating (the seed model answering the Table 1 prompt)")
         tag = resolve_tag(args.tag, settings)
         pairs, stats = load_source(args.pairs)
         print(format_stats(args.pairs, stats))
-        pairs = shard(pairs, i, n)
+        mine, out, done_files = split_work(pairs, args.out, args.batch_size, i, n)
 
+        args.device = distributed.device_for_rank(args.device)
         model, tok = load_for_inference(args)
 
         def complete(prompts: list[str]) -> list[str]:
@@ -102,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
 
         score_next = None if args.no_fallback else logprob_scorer(model, tok, batch_size=args.batch_size)
         t0 = time.perf_counter()
-        counts = rate(pairs, complete, score_next, args.out, k_shot=args.k_shot, batch_size=args.batch_size,
-                      tag=tag, progress=not args.no_progress)
+        counts = rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=args.batch_size,
+                      tag=tag, progress=not args.no_progress and distributed.is_main(), done_files=done_files)
+        counts = merge_ranks(args.out, [p.id for p in pairs], counts)
+        if counts is None:  # a rank other than 0: its part is written and merged
+            return 0
         print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" ({time.perf_counter() - t0:.1f}s, "
               f"k_shot={args.k_shot}, tag={tag or 'none'})")
 
         # Report and select over this input's rows only (the --out file may hold other runs' rows too).
-        ours = {p.id for p in pairs}
+        ours = {p.id for p in (pairs if distributed.world_size() > 1 else mine)}  # rank 0 merged them all
         have = Path(args.out).is_file() and Path(args.out).stat().st_size > 0
         rows = [row for row in read_rated(args.out) if row["id"] in ours] if have else []
         curated = select(rows, args.threshold)

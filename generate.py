@@ -14,6 +14,14 @@
 
 Self-augmentation appends to --out batch by batch; run the same command again after an
 interruption and it continues where it stopped (see data/augment.py).
+
+Self-augmentation on several GPUs (or CPU processes): the same command under torchrun. Rank r
+takes every N-th batch of texts and appends to its own part file (augmented.jsonl ->
+augmented.rank{r}-of-{N}.jsonl, resumable like OUT); at the end rank 0 merges the parts into
+OUT in input order:
+
+    torchrun --nproc_per_node 8 generate.py --model BASE --adapter runs/backward/adapter \
+        --unlabelled web:FILE --out augmented.jsonl
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("self-augmentation and predictions")
     g.add_argument("--out", default=None,
                    help="output file: JSONL of generated pairs (appended to, resumable) or, with --predict, CSV")
-    g.add_argument("--n", type=int, default=None, help="use a seeded random sample of N texts (default: all)")
+    g.add_argument("--n", "--n-texts", type=int, default=None, dest="n",
+                   help="use a seeded random sample of N texts (default: all); spell it --n-texts under torchrun, "
+                        "whose own parser takes --n for an abbreviation of its flags")
     g.add_argument("--shard", default=None,
                    help="i/n: process only every n-th text from position i (run n shards with separate --out files)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
@@ -146,6 +158,70 @@ def batch_seed(seed: int, prompts: list[str]) -> int:
     return (seed * 1_000_003 + zlib.crc32("\x1e".join(prompts).encode("utf-8"))) % 2**31
 
 
+# Under torchrun, a rank that finishes its shard early waits for the others at the end; with
+# sampled lengths the shards can finish hours apart on a big run, so the wait may be long.
+RANKS_WAIT = timedelta(hours=24)
+
+
+def shard_flag(spec: str | None) -> tuple[int, int]:
+    """``--shard i/n`` as (i, n), (0, 1) without it; a UsageError for a bad spec, or for --shard
+    under torchrun (which shares the work out itself: see :func:`split_work`)."""
+    from data.augment import parse_shard
+    from lora import distributed
+    if spec and distributed.launched_by_torchrun():
+        raise UsageError("--shard splits the input by hand; under torchrun each process takes its share itself")
+    try:
+        return parse_shard(spec) if spec else (0, 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def split_work(items: list, out: str, batch_size: int, i: int, n: int) -> tuple[list, Path, list[Path]]:
+    """This process's share of ``items``, the file it appends to, and other files whose ids count as done.
+
+    * under torchrun (N processes): rank r takes batches r, r + N, ... (whole batches, so each is
+      one a single process would form) and appends to its part file (data.augment.part_path);
+      :func:`merge_ranks` joins the parts at the end;
+    * ``--shard i/n`` by hand: every n-th item from position i, to OUT (one OUT per shard);
+    * otherwise: everything, to OUT.
+    """
+    from data.augment import done_elsewhere, part_path, shard, shard_batches
+    from lora import distributed
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:
+        part = part_path(out, rank, world)
+        return shard_batches(items, batch_size, rank, world), part, done_elsewhere(out, part)
+    return shard(items, i, n), Path(out), []
+
+
+def add_counts(all_counts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several ranks' counts added up key by key (nested ones, like dropped_by_reason, too)."""
+    total: dict[str, Any] = {}
+    for counts in all_counts:
+        for k, v in counts.items():
+            if isinstance(v, dict):
+                total[k] = dict(sorted((Counter(total.get(k, {})) + Counter(v)).items()))
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def merge_ranks(out: str, order: list[str], counts: dict[str, Any]) -> dict[str, Any] | None:
+    """Under torchrun: wait until every rank has finished its share, then rank 0 merges the part
+    files into ``out`` in the input ``order`` (ids) and gets the counts added up over ranks; the
+    other ranks get None (their work is done). Alone: ``counts`` as they are."""
+    from data.augment import merge_parts
+    from lora import distributed
+    if distributed.world_size() == 1:
+        return counts
+    distributed.barrier()  # from here on, every part file is complete
+    all_counts = distributed.gather_objects(counts)
+    if not distributed.is_main():
+        return None
+    merge_parts(out, order)
+    return add_counts(all_counts)
+
+
 # The errors that mean "bad input" and are printed as one line, not a traceback: DataError,
 # CheckpointError, AdapterError, TokenizerError and UsageError are all ValueErrors; a missing
 # tokenizer file or an unwritable --out is an OSError.
@@ -174,18 +250,16 @@ def short(text: str, n: int = 100) -> str:
 
 
 def run_augment(args: argparse.Namespace) -> int:
-    from data.augment import AUGMENT_STOPS, augment, format_counts, parse_shard, shard
+    from data.augment import AUGMENT_STOPS, augment, format_counts
     from data.pairs import DataError, as_unlabelled, read_pairs, sample
     from data.readers import format_stats, load_source
+    from lora import distributed
     from model import generate
 
     spec = args.unlabelled or "lima:GAIR/lima"
     settings = adapter_settings(args.adapter)
     check_direction(settings, "backward", "self-augmentation (writing instructions for texts)")
-    try:
-        i, n = parse_shard(args.shard) if args.shard else (0, 1)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    i, n = shard_flag(args.shard)
     pairs, stats = load_source(spec)
     print(format_stats(spec, stats))
     # Keep a labelled source's human instruction aside (LIMA's, say), to compare with the generated one.
@@ -195,9 +269,12 @@ def run_augment(args: argparse.Namespace) -> int:
         raise DataError(f"{spec}: no texts to backtranslate")
     if args.n is not None:
         texts = sample(texts, args.n, args.seed)  # every shard draws the same sample, then splits it
-    texts = shard(texts, i, n)
-    print(f"{len(texts)} texts to backtranslate" + (f" (shard {i}/{n})" if n > 1 else ""))
+    mine, out, done_files = split_work(texts, args.out, args.batch_size, i, n)
+    world = distributed.world_size()
+    print(f"{len(mine)} texts to backtranslate" + (f" (shard {i}/{n})" if n > 1 else "")
+          + (f" (rank 0's share of {len(texts)}, over {world} processes)" if world > 1 else ""))
 
+    args.device = distributed.device_for_rank(args.device)
     model, tok = load_for_inference(args)
     stop = list(AUGMENT_STOPS) + (args.stop or [])
 
@@ -206,9 +283,13 @@ def run_augment(args: argparse.Namespace) -> int:
                         top_p=args.top_p, stop=stop, seed=batch_seed(args.seed, prompts),
                         batch_size=args.batch_size)
 
-    counts = augment(texts, complete, args.out, batch_size=args.batch_size, progress=not args.no_progress)
+    counts = augment(mine, complete, out, batch_size=args.batch_size, done_files=done_files,
+                     progress=not args.no_progress and distributed.is_main())
+    counts = merge_ranks(args.out, [p.id for p in texts], counts)
+    if counts is None:  # a rank other than 0: its part is written and merged
+        return 0
     print(format_counts(counts))
-    ours = {p.id for p in texts}
+    ours = {p.id for p in (texts if world > 1 else mine)}  # rank 0 has merged every rank's rows
     written = [p for p in read_pairs(args.out) if p.id in ours] if Path(args.out).is_file() else []
     print(f"\n{len(written)} pairs in {args.out}; {min(5, len(written))} examples:")
     for p in written[:5]:
@@ -280,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         args.temperature = temperature if args.temperature is None else args.temperature
         args.top_p = top_p if args.top_p is None else args.top_p
         run = {"prompt": run_prompts, "augment": run_augment, "predict": run_predict}[mode]
-        return run(args)
+        from lora import distributed
+        if distributed.launched_by_torchrun() and mode != "augment":
+            raise UsageError("under torchrun only self-augmentation is shared out; run --prompt and --predict "
+                             "as one process")
+        with distributed.session(backend="gloo", timeout=RANKS_WAIT):  # gloo: we only wait, never send tensors
+            return run(args)
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

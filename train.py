@@ -9,6 +9,13 @@
 
 The loss covers the target side only (the output, or for --direction backward the instruction).
 Writes OUT/adapter (PEFT format), OUT/metrics.jsonl, OUT/checkpoints/; --resume continues a run.
+
+Data-parallel on several GPUs (or CPU processes): the same command under torchrun. Each process
+loads the base itself and trains on its share of every step; the global batch is
+--batch-size x processes x --grad-accum (lora/finetune.py, lora/distributed.py):
+
+    torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-2-7b-hf --quantize nf4 --qlora \
+        --data curated.jsonl --batch-size 4 --grad-accum 1 --out runs/forward
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import argparse
 import random
 import sys
 
+from lora import distributed
 from lora.finetune import QLORA_RECIPE, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -43,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g = p.add_argument_group("LoRA (defaults: r=8, alpha=32, dropout=0.05 on q/k/v/o; --qlora: r=64, alpha=16, all linears, lr 2e-4)")
     g.add_argument("--qlora", action="store_true", help="use the QLoRA recipe for r/alpha/targets/lr (explicit flags still win)")
-    g.add_argument("--r", type=int, default=None, help=f"LoRA rank (default {DEFAULTS.r})")
+    g.add_argument("--r", "--lora-r", type=int, default=None, dest="r",
+                   help=f"LoRA rank (default {DEFAULTS.r}); spell it --lora-r under torchrun, whose own parser "
+                        "takes --r for an abbreviation of its flags")
     g.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha; the update is scaled by alpha/r (default {DEFAULTS.alpha})")
     g.add_argument("--dropout", type=float, default=None, help=f"dropout on the LoRA input (default {DEFAULTS.dropout})")
     g.add_argument("--targets", default=None, help="comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,"
@@ -122,6 +132,12 @@ def load_pairs(spec: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    backend = "gloo" if args.device == "cpu" else None  # None: NCCL when there are GPUs (it needs them)
+    with distributed.session(backend):  # joins the other processes when started by torchrun; else nothing
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from data.pairs import DataError
     from lora.finetune import TrainingDiverged, train
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             random.Random(args.seed).shuffle(shuffled)
             n_eval = int(len(pairs) * args.eval_frac)
             eval_pairs, train_pairs = shuffled[:n_eval], shuffled[n_eval:]
-        model, tok = load_model(args.model, quantize=args.quantize, dtype=args.dtype or "bf16", device=args.device)
+        model, tok = load_model(args.model, quantize=args.quantize, dtype=args.dtype or "bf16",
+                                device=distributed.device_for_rank(args.device))
         summary = train(model, tok, to_examples(train_pairs, args.direction, tag), cfg,
                         to_examples(eval_pairs, args.direction, tag), resume=args.resume,
                         progress=not args.no_progress)
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"adapter written to {summary['adapter']} (final loss {summary['final_loss']}, eval loss {summary['eval_loss']})")
-    if args.push_to_hub:
+    if args.push_to_hub and distributed.is_main():
         from data.publish import PushError, publish_adapter
         info = dict(cfg.extra, base_model=args.model, examples=summary["examples"], steps=summary["steps"],
                     precision=f"{args.quantize or args.dtype or 'bf16'} base, fp32 LoRA",

@@ -26,6 +26,13 @@ Long runs get killed. Results are appended to the output file one batch at a tim
 ``<out>.dropped.jsonl`` with the reason, and a re-run skips every id found in either
 file. An interrupted run therefore resumes where it stopped, losing at most the batch
 that was being generated, and no id is ever written twice.
+
+Several processes (``torchrun``, see ``generate.py``): rank r of n takes every n-th *batch*
+(:func:`shard_batches`), appends to its own part file (``aug.jsonl`` -> ``aug.rank{r}-of-{n}.jsonl``,
+resumable like any output), and rank 0 finally merges the parts into ``<out>`` in input order
+(:func:`merge_parts`). Since every batch is one a single process would have formed, and
+``generate.py`` seeds sampling by a batch's content, the merged file of an uninterrupted run
+holds exactly what one process would have written.
 """
 from __future__ import annotations
 
@@ -197,11 +204,81 @@ def batches(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[k:k + size]) for k in range(0, len(items), size)]
 
 
+def shard_batches(items: Sequence[T], size: int, i: int, n: int) -> list[T]:
+    """Shard ``i`` of ``n`` by whole batches: batches i, i + n, i + 2n, ... of ``batches(items, size)``.
+
+    Unlike :func:`shard` (every n-th item), each shard is made of the very batches one process
+    would form, so batch by batch it computes the same thing: the same padding, and the same
+    sampling seed where the seed depends on the batch's prompts (``generate.batch_seed``)."""
+    return [x for batch in shard(batches(items, size), i, n) for x in batch]
+
+
+# ------------------------------------------------------------- parts of a distributed run
+
+
+def part_path(out_path: str | Path, rank: int, world: int) -> Path:
+    """Rank ``rank`` of ``world``'s own output: ``aug.jsonl`` -> ``aug.rank0-of-2.jsonl``."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.rank{rank}-of-{world}{out_path.suffix}")
+
+
+def part_files(out_path: str | Path) -> list[Path]:
+    """The part files of ``out_path`` on disk, whatever the number of ranks that wrote them
+    (an interrupted run may have used another number)."""
+    out_path = Path(out_path)
+    name = re.compile(re.escape(out_path.stem) + r"\.rank\d+-of-\d+" + re.escape(out_path.suffix))
+    folder = out_path.parent
+    return sorted(p for p in folder.iterdir() if name.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def done_elsewhere(out_path: str | Path, part: Path) -> list[Path]:
+    """The files, besides ``part`` and its sidecar, whose ids a rank writing ``part`` must skip:
+    ``out_path`` and every other part file, with their dropped sidecars."""
+    files = [Path(out_path)] + [p for p in part_files(out_path) if p != part]
+    return [f for path in files for f in (path, dropped_path(path))]
+
+
+def _append_missing(target: Path, sources: Sequence[Path], position: dict[str, int]) -> int:
+    """Append to ``target`` the rows of ``sources`` whose ids it lacks, in ``position`` order."""
+    seen = read_done_ids(target)
+    rows = []
+    for source in sources:
+        if not source.is_file():
+            continue
+        # Complete lines only: a last line without "\n" is a write that a crash cut short.
+        for line in source.read_text(encoding="utf-8").split("\n")[:-1]:
+            if line.strip() and (row := json.loads(line))["id"] not in seen:
+                seen.add(row["id"])
+                rows.append(row)
+    rows.sort(key=lambda row: position.get(row["id"], len(position)))  # stable; unknown ids last
+    return append_jsonl(target, rows) if rows else 0
+
+
+def merge_parts(out_path: str | Path, order: Sequence[str]) -> int:
+    """Append the rows of every part file of ``out_path`` to it, then delete the parts.
+
+    Rows are appended sorted by their id's position in ``order`` (the input order), so a fresh
+    run's merged file equals a single process's output. Ids already in ``out_path`` are skipped,
+    so merging again after a crash never writes a row twice. Dropped sidecars are merged the same
+    way, and the parts are deleted only once both merges are durable. Returns the number of rows
+    appended to ``out_path``.
+    """
+    position = {id_: k for k, id_ in enumerate(order)}
+    parts = part_files(out_path)
+    appended = _append_missing(Path(out_path), parts, position)
+    _append_missing(dropped_path(out_path), [dropped_path(p) for p in parts], position)
+    for p in parts:
+        p.unlink()
+        dropped_path(p).unlink(missing_ok=True)
+    return appended
+
+
 # ------------------------------------------------------------------------- the stage
 
 
 def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, batch_size: int = 16,
-            progress: bool = True, min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> dict[str, Any]:
+            progress: bool = True, min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS,
+            done_files: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Write an instruction for every unlabelled text; append the pairs to ``out_path``.
 
     Args:
@@ -213,9 +290,11 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
         out_path: JSONL of ``{id, instruction, output, source[, meta]}`` rows, appended
             to. Dropped rows go to :func:`dropped_path` as ``{id, reason, generated}``.
         batch_size: prompts per ``complete`` call, and rows per durable write.
+        done_files: more files whose ids count as done (a distributed rank's: see
+            :func:`done_elsewhere`).
 
     Returns:
-        counts: ``input`` (texts given), ``skipped_done`` (already in either file from
+        counts: ``input`` (texts given), ``skipped_done`` (already in one of the files from
         an earlier run), ``written`` (pairs appended now), ``dropped`` (total now) and
         ``dropped_by_reason`` (reason -> count, see :func:`degenerate_reason`).
     """
@@ -225,7 +304,7 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
         raise DataError(f"duplicate ids in the unlabelled data (e.g. {dupes[:3]}); resuming needs unique ids")
     out_path = Path(out_path)
     side = dropped_path(out_path)
-    done = read_done_ids(out_path, side)
+    done = read_done_ids(out_path, side, *done_files)
     todo = [p for p in unlabelled if p.id not in done]
     stats: dict[str, Any] = dict(input=len(unlabelled), skipped_done=len(unlabelled) - len(todo),
                                  written=0, dropped=0, dropped_by_reason={})

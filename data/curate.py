@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,8 @@ def verdict_from_logprobs(logprobs: Mapping[int, float]) -> tuple[int, list[floa
 
 
 def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, out_path: str | Path,
-         k_shot: int = 3, batch_size: int = 8, tag: Tag | None = "seed", progress: bool = True) -> dict[str, int]:
+         k_shot: int = 3, batch_size: int = 8, tag: Tag | None = "seed", progress: bool = True,
+         done_files: Sequence[str | Path] = ()) -> dict[str, int]:
     """Rate every pair and append the rated rows to ``out_path``; skip ids already there.
 
     Args:
@@ -108,6 +109,8 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
         k_shot: few-shot demonstrations in the rating prompt (0 = the paper's zero-shot).
         batch_size: prompts per ``complete`` call and rows per durable write.
         tag: the tag line the rater saw on its training data (None for none).
+        done_files: more files whose ids count as done (a distributed rank's: see
+            :func:`data.augment.done_elsewhere`).
 
     Each row is the pair plus ``k`` (the prompt's k_shot), ``rater_output`` (the raw
     text), ``score`` (1-5), ``score_method`` ("text", "logprob" or "none"), and for
@@ -123,7 +126,7 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
     ids = [p.id for p in pairs]
     if len(set(ids)) != len(ids):
         raise DataError("duplicate ids in the pairs to rate; resuming needs unique ids")
-    done = read_done_ids(out_path)
+    done = read_done_ids(out_path, *done_files)
     todo = [p for p in pairs if p.id not in done]
     stats = dict(input=len(pairs), skipped_done=len(pairs) - len(todo), rated=0, text=0, logprob=0, none=0)
     bar = None
@@ -264,12 +267,25 @@ def digit_continuations(tok: Any, probe: str = "The answer is clear and complete
 def logprob_scorer(model: Any, tok: Any, batch_size: int = 8) -> ScoreNext:
     """``score_next`` for :func:`rate` from a loaded model: for each prompt (ending in
     ``Score:``), the log-probabilities of the five continuations "1".."5" (spelled for
-    this tokenizer by :func:`digit_continuations`), as ``{1: logp, ..., 5: logp}``."""
-    from model.sampling import score  # lazy: data/ does not need torch otherwise
+    this tokenizer by :func:`digit_continuations`), as ``{1: logp, ..., 5: logp}``.
+
+    When the five continuations share every token but a last, single one (true of the
+    tokenizers we use), one forward pass per prompt gives all five: the distribution of
+    the next token after the shared part. The values then leave out the shared part's
+    own log-probability, the same for all five, which the verdict (renormalised over
+    1..5) does not see. Otherwise each continuation is scored in full, one pass each."""
+    from model.sampling import next_token_logprobs, score  # lazy: data/ does not need torch otherwise
 
     conts = digit_continuations(tok)
+    encoded = [tok.encode(c) for c in conts]
+    shared = encoded[0][:-1]
+    one_pass = all(e[:-1] == shared for e in encoded) and len({e[-1] for e in encoded}) == len(encoded)
 
     def score_next(prompts: list[str]) -> list[dict[int, float]]:
+        if one_pass:
+            lp = next_token_logprobs(model, tok, prompts, suffix_ids=shared, batch_size=batch_size)
+            digit_ids = [e[-1] for e in encoded]
+            return [dict(zip(SCORES, lp[i, digit_ids].tolist())) for i in range(len(prompts))]
         flat_prompts = [p for p in prompts for _ in conts]
         logps = score(model, tok, flat_prompts, conts * len(prompts), batch_size=batch_size)
         return [dict(zip(SCORES, logps[i * len(conts):(i + 1) * len(conts)])) for i in range(len(prompts))]

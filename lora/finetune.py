@@ -11,6 +11,15 @@ Everything a run needs to continue is checkpointed every ``save_every`` steps, a
 temporary folder renamed into place): the adapter (PEFT format), AdamW's moments, the step, and
 the RNG state. The data order is a pure function of (seed, epoch), so the step number alone says
 where in the data to resume. No pickle: tensors go to safetensors, the rest to JSON.
+
+Several processes (``torchrun --nproc_per_node N train.py ...``, see ``lora/distributed.py``):
+an optimizer step then consumes ``grad_accum x N`` micro-batches, the same list a single process
+with ``grad_accum x N`` would take, and rank r trains on micro-batches r, r + N, r + 2N, ...
+Every rank divides its summed loss by the target-token count of the *whole* step (known to all
+ranks from the deterministic data order), and DDP sums the LoRA gradients over ranks, so the
+step equals one process's step with the same global batch (up to float summation order).
+Rank 0 writes the files. Dropout masks are drawn per rank, so with dropout > 0 the run is
+equivalent in distribution, not bit for bit, to a single process.
 """
 from __future__ import annotations
 
@@ -26,9 +35,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.batching import (collate, length_grouped_batches, masked_lm_loss, target_token_count,
+from data.batching import (IGNORE_INDEX, collate, length_grouped_batches, masked_lm_loss, target_token_count,
                            tokenize_pair)
 
+from . import distributed
 from .adapter import load_adapter, save_adapter
 from .inject import inject_lora, lora_parameters
 
@@ -89,13 +99,17 @@ def autocast_context(device: torch.device, enabled: bool):
 # ------------------------------------------------------------------------------------------
 # Checkpoints: adapter + optimizer + step + RNG, written atomically
 # ------------------------------------------------------------------------------------------
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, names: list[str], cfg: TrainConfig) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, names: list[str], cfg: TrainConfig,
+                    rng_states: list[torch.Tensor] | None = None) -> Path:
+    """``rng_states``: every rank's RNG state, in rank order (default: this process's only)."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.base_model)
-    tensors = {"rng.torch": torch.get_rng_state()}
+    rng_states = rng_states or [torch.get_rng_state()]
+    tensors = {"rng.torch": rng_states[0]}  # rank 0 (or the only process)
+    tensors |= {f"rng.torch.rank{r}": state for r, state in enumerate(rng_states) if r > 0}
     for name, p in zip(names, optimizer.param_groups[0]["params"]):
         st = optimizer.state.get(p, {})
         for k in ("exp_avg", "exp_avg_sq"):
@@ -120,8 +134,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, names: list[str]) -> int:
-    load_adapter(model, path / "adapter")
     tensors = load_file(str(path / "optimizer.safetensors"))
+    ranks = 1 + sum(k.startswith("rng.torch.rank") for k in tensors)
+    if ranks != distributed.world_size():
+        raise ValueError(f"{path} was written by {ranks} process(es), this run has {distributed.world_size()}: "
+                         f"resume with the same number, so that the global batch and data order stay the same")
+    load_adapter(model, path / "adapter")
     for name, p in zip(names, optimizer.param_groups[0]["params"]):
         if f"{name}.exp_avg" in tensors:
             optimizer.state[p] = {
@@ -129,7 +147,8 @@ def load_checkpoint(path: Path, model, optimizer, names: list[str]) -> int:
                 "exp_avg": tensors[f"{name}.exp_avg"].to(p.device),
                 "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device),
             }
-    torch.set_rng_state(tensors["rng.torch"])
+    rank = distributed.rank()
+    torch.set_rng_state(tensors["rng.torch" if rank == 0 else f"rng.torch.rank{rank}"])
     return json.loads((path / "state.json").read_text())["step"]
 
 
@@ -148,16 +167,17 @@ def rewrite_log_until(log_path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device, use_autocast: bool) -> float:
-    """Mean next-token loss per target token over held-out batches."""
+    """Mean next-token loss per target token over held-out batches (shared out among the ranks)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    for b in batches:
+    for b in batches[distributed.rank()::distributed.world_size()]:
         with autocast_context(device, use_autocast):
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
         total += float(masked_lm_loss(logits, b["labels"].to(device), reduction="sum"))
         tokens += target_token_count(b["labels"])
     model.train(was_training)
+    total, tokens = distributed.sum_across_ranks(total, tokens)
     return total / max(tokens, 1)
 
 
@@ -167,12 +187,15 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
 
     adapter/ (PEFT format), metrics.jsonl (one JSON row per logged step and eval),
     checkpoints/step-N/ (resumable), train_config.json. Returns a summary dict.
+    Under torchrun every rank calls this; only rank 0 writes (see the module docstring).
     """
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root, log_path = out / "checkpoints", out / "metrics.jsonl"
     device = model.model.embed_tokens.weight.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # the dropout masks: a stream of its own per rank
 
     examples = [tokenize_pair(tokenizer, p, t, cfg.max_len) for p, t in train_pairs]
     if not examples:
@@ -182,7 +205,9 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     eval_batches = [collate(eval_examples[i:i + cfg.batch_size], tokenizer.pad_id)
                     for i in range(0, len(eval_examples), cfg.batch_size)]
     lengths = [len(e.input_ids) for e in examples]
-    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size) // cfg.grad_accum)
+    n_target = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in examples]  # as target_token_count
+    accum = cfg.grad_accum * world  # micro-batches per optimizer step, over all ranks
+    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size) // accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     report = inject_lora(model, targets=list(cfg.targets), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
@@ -191,57 +216,69 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"total_steps": total_steps}, indent=2,
-                                                      default=list))
+    net = distributed.wrap_ddp(model)  # the model itself when alone
+    ranks = {"world_size": world, "global_batch": cfg.batch_size * accum} if world > 1 else {}
+    if main:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"total_steps": total_steps} | ranks,
+                                                          indent=2, default=list))
     print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
           f"trainable%: {100 * report['trainable'] / report['total']:.4f}")
     print(f"{len(examples)} training examples ({n_trunc} truncated to {cfg.max_len} tokens), "
           f"{len(eval_examples)} held out; {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples")
+    if world > 1:
+        print(f"global batch = {cfg.batch_size} per rank x {world} ranks x {cfg.grad_accum} accumulation "
+              f"= {cfg.batch_size * accum} examples per step")
 
     start = 0
     if resume and (ck := latest_checkpoint(ckpt_root)) is not None:
         start = load_checkpoint(ck, model, optimizer, names)
-        rewrite_log_until(log_path, start)
+        if main:
+            rewrite_log_until(log_path, start)
         print(f"resumed from {ck} at step {start}")
-    elif not resume and log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log
+    elif log_path.exists() and main:
+        log_path.unlink()  # a fresh run (or --resume before any checkpoint) starts a fresh log
 
-    def micro_batches(step: int):
-        """The micro-batches of optimizer step ``step``: a pure function of (seed, epoch, step)."""
+    def micro_batches(step: int) -> list[list[int]]:
+        """The micro-batches (example indices) of optimizer step ``step`` over all ranks: a pure
+        function of (seed, epoch, step), so every rank knows the whole step without asking."""
         out_batches = []
-        for k in range(cfg.grad_accum):
-            flat = step * cfg.grad_accum + k
-            epoch, idx = divmod(flat, steps_per_epoch * cfg.grad_accum)
+        for k in range(accum):
+            flat = step * accum + k
+            epoch, idx = divmod(flat, steps_per_epoch * accum)
             order = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-            out_batches.append(collate([examples[j] for j in order[idx % len(order)]], tokenizer.pad_id))
+            out_batches.append(order[idx % len(order)])
         return out_batches
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     last_eval = None
     t_start, tokens_seen = time.perf_counter(), 0
-    with open(log_path, "a") as log:
+    with open(log_path if main else os.devnull, "a") as log:  # the logged numbers are global: rank 0 writes
         for step in range(start, total_steps):
             lr = lr_at(step, total_steps, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            batches = micro_batches(step)
-            n_tokens = sum(target_token_count(b["labels"]) for b in batches)
-            loss_total = 0.0
-            for b in batches:
-                with autocast_context(device, cfg.autocast):
-                    logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-                loss = masked_lm_loss(logits, b["labels"].to(device), reduction="sum") / max(n_tokens, 1)
-                if not torch.isfinite(loss):
-                    ck = latest_checkpoint(ckpt_root)
-                    raise TrainingDiverged(f"loss is {float(loss)} at step {step + 1}: stopping; the last good "
-                                           f"checkpoint is {ck or 'none (no checkpoint written yet)'}")
-                loss.backward()
+            step_batches = micro_batches(step)
+            n_tokens = sum(n_target[j] for b in step_batches for j in b)  # the whole step's, on every rank
+            batches = [collate([examples[j] for j in b], tokenizer.pad_id) for b in step_batches[rank::world]]
+            loss_total, step_tokens = 0.0, 0
+            for i, b in enumerate(batches):
+                with distributed.sync_gradients(net, now=i == len(batches) - 1):
+                    with autocast_context(device, cfg.autocast):
+                        logits = net(b["input_ids"].to(device), b["attention_mask"].to(device))
+                    loss = masked_lm_loss(logits, b["labels"].to(device), reduction="sum") / max(n_tokens, 1)
+                    if not torch.isfinite(loss):
+                        ck = latest_checkpoint(ckpt_root)
+                        raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}: stopping; the last "
+                                               f"good checkpoint is {ck or 'none (no checkpoint written yet)'}")
+                    loss.backward()
                 loss_total += float(loss.detach())
-                tokens_seen += int(b["attention_mask"].sum())
+                step_tokens += int(b["attention_mask"].sum())
+            loss_total, step_tokens = distributed.sum_across_ranks(loss_total, step_tokens)
+            tokens_seen += int(step_tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,11 +298,14 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
                 bar.update(1)
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
                 log.flush()
-                save_checkpoint(ckpt_root, done, model, optimizer, names, cfg)
+                rng_states = distributed.gather_objects(torch.get_rng_state())  # every rank's dropout stream
+                if main:
+                    save_checkpoint(ckpt_root, done, model, optimizer, names, cfg, rng_states)
     if bar:
         bar.close()
     model.eval()
-    save_adapter(model, out / "adapter", base_model_name_or_path=cfg.base_model, extra_config=cfg.extra or None)
+    if main:
+        save_adapter(model, out / "adapter", base_model_name_or_path=cfg.base_model, extra_config=cfg.extra or None)
     return {"steps": total_steps, "final_loss": loss_total if total_steps > start else None,
             "eval_loss": last_eval, "truncated": n_trunc, "examples": len(examples),
             "trainable": report["trainable"], "total": report["total"], "adapter": str(out / "adapter")}
