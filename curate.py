@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fallback", action="store_true",
                    help="do not score unreadable answers from log-probabilities (they stay unscored)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                   help="push the curated JSONL + a dataset card as a hub dataset repo (token from HF_TOKEN or "
+                        "the login cache); the upload folder is written next to --curated first")
     return p
 
 
@@ -129,7 +132,18 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl_atomic(args.curated, curated)
         print_report(rows, args.threshold, len(curated))
         print(f"curated pairs written to {args.curated}")
-        # (Publishing args.curated, e.g. a --push-to-hub flag, belongs here: after the atomic write.)
+        if args.push_to_hub:
+            from data.curate import histogram
+            from data.publish import PushError, publish_dataset
+            info = dict(unlabelled=args.pairs, rater=f"{args.model} + {args.adapter or 'no adapter'}",
+                        threshold=args.threshold, rated=len(rows), kept=len(curated), histogram=histogram(rows))
+            upload = Path(args.curated).with_name(Path(args.curated).stem + "-hub-upload")
+            try:
+                publish_dataset(args.curated, args.push_to_hub, info, upload)
+            except PushError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -166,3 +166,16 @@ def test_train_script_trains_backward_and_writes_a_peft_adapter(tiny_dir, tmp_pa
     assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "eval_loss" in rows[-1]
+
+
+def test_train_script_push_offline_keeps_the_upload_folder(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write(tmp_path / "ok.jsonl", "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in PAIRS))
+    out = tmp_path / "run"
+    rc = train_script.main(["--model", str(tiny_dir), "--data", data, "--max-steps", "1", "--out", str(out),
+                            "--no-progress", "--eval-frac", "0", "--push-to-hub", "someone/backward"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error: ") and len(err.splitlines()) == 1 and "someone/backward" in err
+    up = out / "hub-upload"
+    assert {p.name for p in up.iterdir()} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert "base_model:" in (up / "README.md").read_text()
