@@ -4,10 +4,12 @@
     python bench/bench_generate.py                       # SmolLM2-135M, bf16, batch 1 and 16, 128 new tokens
     python bench/bench_generate.py --dtype fp32 --batch-sizes 1,4
     python bench/bench_generate.py --load-only           # load time + peak RSS, bf16 and nf4 (fresh processes)
+    python bench/bench_generate.py --skip-load --compile # also our compiled decode step (compile=True)
 
 Both sides get the same token ids (left-padded prompts of different lengths), decode greedily and
 are forced to produce exactly --new-tokens tokens (no early EOS), so tokens/s compare like for like.
-Each measurement is the best of --repeats runs after one warm-up.
+Each measurement is the best of --repeats runs after one warm-up. With --compile the warm-up of
+the compiled path is also its compile, timed separately (compile_s).
 """
 from __future__ import annotations
 
@@ -64,16 +66,19 @@ def run_load_bench(model: str) -> list[dict]:
     return rows
 
 
-def bench_ours(model, rows, new_tokens, repeats):
+def bench_ours(model, rows, new_tokens, repeats, compile=False):
+    """(best seconds, outputs, seconds of the warm-up call: the compile, with ``compile``)."""
     from model.sampling import generate_tokens
-    generate_tokens(model, rows, 8, pad_id=0)  # warm-up
+    t0 = time.perf_counter()
+    generate_tokens(model, rows, 8, pad_id=0, compile=compile)  # warm-up
+    warmup = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = generate_tokens(model, rows, new_tokens, pad_id=0)
+        out = generate_tokens(model, rows, new_tokens, pad_id=0, compile=compile)
         best = min(best, time.perf_counter() - t0)
     assert all(len(o) == new_tokens for o in out)
-    return best, out
+    return best, out, warmup
 
 
 def bench_hf(hf, rows, new_tokens, repeats, pad_id):
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--load-only", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time generate_tokens(..., compile=True), the compiled decode step")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -124,15 +131,25 @@ def main() -> None:
     results["throughput"] = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         rows = [tok.encode(PROMPTS[i % len(PROMPTS)], bos=tok.add_bos) for i in range(bs)]
-        t_ours, out_ours = bench_ours(ours, rows, args.new_tokens, args.repeats)
+        t_ours, out_ours, _ = bench_ours(ours, rows, args.new_tokens, args.repeats)
         t_hf, out_hf = bench_hf(hf, rows, args.new_tokens, args.repeats, tok.pad_id)
         same = sum(a == b for a, b in zip(out_ours, out_hf))
         r = {"batch": bs, "ours_tok_s": round(bs * args.new_tokens / t_ours, 1),
              "hf_tok_s": round(bs * args.new_tokens / t_hf, 1), "speedup": round(t_hf / t_ours, 2),
              "identical_rows": f"{same}/{bs}"}
-        results["throughput"].append(r)
         print(f"batch {bs:>3}: ours {r['ours_tok_s']:>8.1f} tok/s | transformers {r['hf_tok_s']:>8.1f} tok/s | "
               f"x{r['speedup']:.2f} | greedy rows identical {r['identical_rows']}")
+        if args.compile:
+            t_c, out_c, compile_s = bench_ours(ours, rows, args.new_tokens, args.repeats, compile=True)
+            # bf16 rounding differs between the fused kernels and eager ops, so a greedy row may
+            # part ways after a near-tie; compare rows with eager ours, not only with HF
+            r.update(compiled_tok_s=round(bs * args.new_tokens / t_c, 1), compiled_speedup=round(t_hf / t_c, 2),
+                     compile_s=round(compile_s, 1),
+                     compiled_identical_rows=f"{sum(a == b for a, b in zip(out_c, out_ours))}/{bs}")
+            print(f"           compiled {r['compiled_tok_s']:>8.1f} tok/s | x{r['compiled_speedup']:.2f} vs transformers "
+                  f"| compile {r['compile_s']:.0f} s | greedy rows identical to eager ours "
+                  f"{r['compiled_identical_rows']}")
+        results["throughput"].append(r)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

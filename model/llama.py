@@ -194,6 +194,26 @@ class Llama(nn.Module):
             layer.self_attn.cache = None
 
     # --- forward ------------------------------------------------------------------------
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step, written for ``torch.compile`` (see model/compiled.py): last-position
+        logits (B, vocab) for one new token per row, the token's key/value going to cache slot S-1.
+
+        It computes what ``forward(input_ids, attention_mask, position_ids, start_pos=S-1)`` does,
+        but without Python branches on tensor values (``forward`` asks ``attention_mask.all()`` to
+        skip the mask when nothing is padded), so it compiles to one graph. The step number is not
+        a Python int either: it is the length S of ``attention_mask`` (B, S), which marks real
+        tokens (1) vs padding (0) over every slot so far. A compiler told that this dimension is
+        dynamic then makes one program that serves every step and every prompt length.
+        """
+        start = attention_mask.shape[1] - 1
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): one query per row
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start)
+        return self.lm_head(self.model.norm(x[:, -1]))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, start_pos: int | None = None,
                 last_only: bool = False) -> torch.Tensor:
