@@ -49,9 +49,16 @@ from .llama import MLP, Attention, DecoderLayer, KVCache, Llama, LlamaModel, RMS
 _PLAIN_MODULES = (Llama, LlamaModel, DecoderLayer, Attention, MLP, RMSNorm, KVCache,
                   nn.ModuleList, nn.Linear, nn.Embedding)
 
-# Inductor settings for the decode step (``freezing`` is read by dynamo while tracing too, so these
-# are applied around every call rather than passed as torch.compile options).
-_INDUCTOR_CONFIG = {"freezing": True, "cpp.enable_concat_linear": True}
+# Inductor settings for the decode step. They are applied around every call rather than passed as
+# torch.compile options because dynamo reads ``freezing`` too, while tracing.
+_INDUCTOR_CONFIG = {
+    "freezing": True,  # weights become constants: prepacked once, not re-blocked every call
+    "cpp.enable_concat_linear": True,  # one matmul for q/k/v and one for gate/up (CPU)
+    # Time inductor's own matmul kernels (AMX / AVX-512 templates) against oneDNN's and keep the
+    # faster, per shape. Measured on 2 CPU cores: steps ~25% faster at batch 16 and at batch 1,
+    # compiles ~2x longer (~1 min instead of ~30 s for SmolLM2-135M).
+    "max_autotune": True,
+}
 
 
 @functools.cache

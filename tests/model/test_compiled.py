@@ -32,19 +32,25 @@ def random_rows(lengths, seed=1):
     return [torch.randint(3, 211, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def fresh_compiler():
     torch.compiler.reset()
     yield
     torch.compiler.reset()
 
 
+@pytest.fixture(scope="module")
+def model():
+    """Shared, so that the tests reuse one compiled program (compiling takes most of their time)."""
+    return tiny_llama()
+
+
 def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_compiled_greedy_equals_eager_and_compiles_once():
-    m = tiny_llama()
+def test_compiled_greedy_equals_eager_and_compiles_once(model):
+    m = model
     rows = random_rows((3, 11, 7, 1))  # left padding of different lengths
     before = graphs_compiled()
     assert generate_tokens(m, rows, 20, pad_id=0, compile=True) == generate_tokens(m, rows, 20, pad_id=0)
@@ -55,9 +61,9 @@ def test_compiled_greedy_equals_eager_and_compiles_once():
     assert graphs_compiled() - before == 1
 
 
-def test_stop_ids_with_compile():
-    m = tiny_llama()
-    rows = random_rows((4, 6))
+def test_stop_ids_with_compile(model):
+    m = model
+    rows = random_rows((4, 6))  # padded to the compiled batch of 4
     free = generate_tokens(m, rows, 12, pad_id=0)
     stop = free[0][5]
     assert generate_tokens(m, rows, 12, pad_id=0, stop_ids=[stop], compile=True) == \
