@@ -14,8 +14,9 @@ the same way (the adapter is loaded into the base and taken out again, so one ba
   --backward ADAPTER   instruction reconstruction: the backward model writes an instruction for each
                        held-out answer; BLEU and ROUGE-L against the human instruction.
   --rater ADAPTER      self-curation quality: the rater scores the real pairs and mismatched ones (the
-                       same answers, instructions shuffled); ranking AUC of the 1-5 scores and of the
-                       log-prob expected scores, score histograms, rate of readable "Score: N" lines.
+                       same answers, instructions shuffled); ranking AUC of the 1-5 scores, of the
+                       log-prob expected scores and of the likelihood gain the instruction gives the
+                       output (no prompt), score histograms, rate of readable "Score: N" lines.
                        --rater base rates with the base model alone.
   --forward ADAPTER    answering: NLL per token of the human answers, and how often a judge (default:
                        the base model itself, prompted to compare) prefers the adapter's answers to
@@ -25,7 +26,8 @@ the same way (the adapter is loaded into the base and taken out again, so one ba
 Held-out pairs (default: guanaco's eval split, which no stage trains on) that appear in an adapter's
 training data (the 'data' that train.py records in adapter_config.json) or in --exclude are dropped.
 Writes OUT/eval.json and OUT/eval.md (the tables), per-model rows (backward_*.jsonl, rater_*.jsonl,
-forward_*.jsonl) and, when matplotlib is installed, OUT/rater_scores.png and OUT/loss_curves.png.
+forward_*.jsonl) and, when matplotlib is installed, OUT/rater_scores.png, OUT/loss_curves.png and,
+with two or more --forward adapters, OUT/forward_nll.png (bars: NLL and win rate per model).
 """
 from __future__ import annotations
 
@@ -242,11 +244,12 @@ def evaluate_rater_models(model: Any, tok: Any, adapter: str, pairs: list, args:
             fns = ModelFns(model, tok, args)
             summary, _ = evaluate_rater(pairs, fns.completer(args.rating_tokens, RATER_STOPS), fns.score_next(),
                                         out / f"rater_{label}.jsonl", k_shot=args.k_shot, tag=tag, seed=args.seed,
-                                        batch_size=args.batch_size, progress=not args.no_progress)
+                                        batch_size=args.batch_size, progress=not args.no_progress,
+                                        logprobs=fns.logprobs)
         rows.append(dict(model=label, adapter=path, tag=tag or "none", k_shot=args.k_shot, **summary,
                          time_s=round(time.perf_counter() - t0, 1)))
-        print(f"rater [{label}]: AUC {num(summary['auc'])} (expected score: {num(summary['auc_expected'])}), "
-              f"valid score rate {summary['valid_score_rate']:.2f}")
+        print(f"rater [{label}]: AUC {num(summary['auc'])} (expected score: {num(summary['auc_expected'])}, "
+              f"likelihood: {num(summary['auc_likelihood'])}), valid score rate {summary['valid_score_rate']:.2f}")
     return rows
 
 
@@ -331,7 +334,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   markdown_table(report["rater"], RATER_COLUMNS), "",
                   "AUC: probability that a real pair scores above a mismatched one (its instruction swapped with "
                   "another pair's), ties 1/2; 0.5 = chance. *expected score*: sum of s * p(s) over the log-probs "
-                  "of \"1\"..\"5\" after \"Score:\". *valid score rate*: answers with a readable \"Score: N\"."]
+                  "of \"1\"..\"5\" after \"Score:\". *likelihood*: no rating prompt; pairs ranked by how much the "
+                  "instruction raises the log-likelihood of the output (nats/token, data.evaluation."
+                  "instruction_information). *valid score rate*: answers with a readable \"Score: N\"."]
         for row in report["rater"]:
             for kind in ("real", "mismatched"):
                 parts += ["", f"Scores of {row['model']}, {kind} pairs:", "", "```",
@@ -373,6 +378,27 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "rater_scores.png", dpi=100)
         plt.close(fig)
         written.append("rater_scores.png")
+    forward = report.get("forward") or []
+    if len(forward) >= 3:  # the base and two or more adapters: bars compare them (e.g. the ablation)
+        labels = [row["model"] for row in forward]
+        fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(forward), 3.8))
+        axes[0].bar(labels, [row["nll"] for row in forward], color="tab:blue")
+        axes[0].set(title="held-out NLL/token (lower is better)", ylabel="nats/token")
+        low = min(row["nll"] for row in forward)
+        axes[0].set_ylim(bottom=max(0.0, low - 0.5))
+        judged = [row for row in forward if row.get("win_rate") is not None]
+        if judged:
+            axes[1].bar([r["model"] for r in judged], [r["win_rate_ties_half"] for r in judged], color="tab:green")
+            axes[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+            axes[1].set(title="vs base: wins + ties/2", ylim=(0, 1))
+        else:
+            axes[1].set_axis_off()
+        for ax in axes:
+            ax.tick_params(axis="x", labelrotation=30)
+        fig.tight_layout()
+        fig.savefig(out / "forward_nll.png", dpi=100)
+        plt.close(fig)
+        written.append("forward_nll.png")
     runs = {}  # label -> metrics.jsonl of the run the adapter came from (train.py writes RUN/metrics.jsonl)
     for section in ("backward", "rater", "forward"):
         for row in report.get(section) or []:

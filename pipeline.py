@@ -20,6 +20,15 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   forward    M1 on seed (tag seed) + curated (tag augmented) pairs               (train.py)
   respond    M1 answers the held-out prompts; 5 are printed                       (generate.py)
   (paper preset, iteration 2: curate2 with M1 as the rater, forward2 = M2, respond2)
+  evaluate   every model on held-out pairs no stage trained on: the backward model's BLEU/ROUGE-L,
+             the rater's real-vs-mismatched AUC, M0/M1(/M2) NLL and judged wins vs the base
+                                                                                  (evaluate.py)
+  with --ablation, the paper's quality-vs-quantity experiment (forward models that differ only
+  in their training pairs, all with the seed tag line, compared by evaluate.py):
+  ablate-curated   trained on the curated set (A5 with threshold 5)
+  ablate-random    trained on a random sample of the uncurated augmented pairs, same size
+  ablate-all       trained on all augmented pairs
+  ablation         evaluate.py on those three + M0 (seed only); ablation.md, forward_nll.png
 
 Every stage prints the equivalent command, so any step can be rerun or changed by hand.
 """
@@ -54,7 +63,11 @@ class Preset:
     augment: list[str] = field(default_factory=list)      # extra generate.py flags
     curate: list[str] = field(default_factory=list)       # extra curate.py flags
     respond: list[str] = field(default_factory=list)
+    heldout: str | None = None          # pairs for the evaluate stage (none: no evaluate stage)
+    evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
 
+
+GUANACO_EVAL = "guanaco:timdettmers/openassistant-guanaco/openassistant_best_replies_eval.jsonl"
 
 PRESETS = {
     # SmolLM2-135M-Instruct and the demo set committed in data/demo: the whole method on a laptop CPU.
@@ -65,7 +78,10 @@ PRESETS = {
                           "--eval-frac", "0.1", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "3"],
                    augment=["--max-new-tokens", "48", "--batch-size", "16"],
                    curate=["--max-new-tokens", "48", "--batch-size", "8"],
-                   respond=["--max-new-tokens", "96", "--batch-size", "8"]),
+                   respond=["--max-new-tokens", "96", "--batch-size", "8"],
+                   heldout=str(DEMO / "heldout.jsonl"),
+                   evaluate=["--n", "12", "--k-shot", "2", "--instruction-tokens", "48", "--rating-tokens", "48",
+                             "--answer-tokens", "96"]),
     # The course assignment: Llama-2-7B in NF4 on one Colab-class GPU.
     "assignment": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4",
                          seed_data="guanaco:timdettmers/openassistant-guanaco",
@@ -75,7 +91,8 @@ PRESETS = {
                                 "--gradient-checkpointing", "--save-every", "100", "--eval-every", "100"],
                          augment=["--max-new-tokens", "128", "--batch-size", "16"],
                          curate=["--max-new-tokens", "128", "--batch-size", "8"],
-                         respond=["--max-new-tokens", "512", "--batch-size", "8"]),
+                         respond=["--max-new-tokens", "512", "--batch-size", "8"],
+                         heldout=GUANACO_EVAL, evaluate=["--n", "100"]),
     # The paper's recipe at the scale one GPU allows: 3,200 oasst1 seed pairs, a web corpus, two iterations.
     "paper": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4", seed_data="oasst1:OpenAssistant/oasst1",
                     unlabelled="web:allenai/c4/en/c4-train.00000-of-01024.json.gz",
@@ -85,9 +102,13 @@ PRESETS = {
                                          "--save-every", "200", "--eval-every", "200"],
                     augment=["--max-new-tokens", "128", "--batch-size", "32"],
                     curate=["--max-new-tokens", "128", "--batch-size", "16"],
-                    respond=["--max-new-tokens", "512", "--batch-size", "8"]),
+                    respond=["--max-new-tokens", "512", "--batch-size", "8"],
+                    heldout=GUANACO_EVAL, evaluate=["--n", "100"]),
 }
-STAGES = ["data", "backward", "m0", "augment", "curate", "forward", "respond", "curate2", "forward2", "respond2"]
+STAGES = ["data", "backward", "m0", "augment", "curate", "forward", "respond", "curate2", "forward2", "respond2",
+          "evaluate", "ablate-curated", "ablate-random", "ablate-all", "ablation"]
+ITERATION2 = STAGES[7:10]
+ABLATION = STAGES[11:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")
     g.add_argument("--augment-args", default="", help="extra generate.py flags for self-augmentation")
     g.add_argument("--curate-args", default="", help="extra curate.py flags for self-curation")
+    g.add_argument("--heldout", help="held-out pairs for the evaluate stage: any data.readers spec, or 'none' "
+                                     "to skip the stage")
+    g.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--n 30 --no-judge\"")
+    g.add_argument("--ablation", action="store_true",
+                   help="also run the quality-vs-quantity ablation (ablate-* stages and 'ablation')")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -129,10 +155,13 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
                                   forward_data=args.forward_data).items() if v is not None}
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
-    for name in ("train", "augment", "curate"):  # later flags win in argparse, so these override the preset's
+    if args.heldout:
+        over["heldout"] = None if args.heldout == "none" else args.heldout
+    for name in ("train", "augment", "curate", "eval"):  # later flags win in argparse, so these override the preset's
         extra = getattr(args, f"{name}_args")
         if extra:
-            over[name] = getattr(pre, name) + shlex.split(extra)
+            key = "evaluate" if name == "eval" else name
+            over[key] = getattr(pre, key) + shlex.split(extra)
     return replace(pre, **over)
 
 
@@ -221,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    stages = STAGES[:7] + (STAGES[7:] if pre.iterations == 2 else [])
+    stages = (STAGES[:7] + (ITERATION2 if pre.iterations == 2 else []) + (["evaluate"] if pre.heldout else [])
+              + (ABLATION if args.ablation else []))
+    for flag, name in ((args.from_stage, "--from"), (args.until, "--until")):
+        if flag and flag not in stages:
+            print(f"error: {name} {flag}: this run has no such stage (its stages: {', '.join(stages)})",
+                  file=sys.stderr)
+            return 2
     redo_from = stages.index(args.from_stage) if args.from_stage in stages else None
     last = stages.index(args.until) if args.until in stages else len(stages) - 1
     mflags = model_flags(pre, args.device)
@@ -302,6 +337,18 @@ def main(argv: list[str] | None = None) -> int:
             rater = fdir / "adapter"  # iteration 2 curates with M1 (the paper's M1 -> M2 step)
             if last >= stages.index("respond" + suffix):
                 respond_stage("respond" + suffix, fdir / "adapter", tests)
+        if "evaluate" in stages and last >= stages.index("evaluate"):
+            def eval_body(d: Path) -> list[str]:
+                argv = mflags + ["--backward", str(backward), "--rater", str(m0), "--forward", str(m0)]
+                for a in forward_adapters:
+                    argv += ["--forward", str(a)]
+                call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
+                     + pre.evaluate + quiet)
+                return ["eval.json", "eval.md"]
+            stage("evaluate", {"model": pre.model, "heldout": pre.heldout, "evaluate": pre.evaluate,
+                               "seed": args.seed}, [backward, m0, *forward_adapters], eval_body)
+        if args.ablation and last >= stages.index("ablate-curated"):
+            ablation(pre, args, stage, mflags, quiet, last, stages, seed_file, augmented, curated_dirs[0], m0)
         if args.push_to_hub and forward_adapters:
             push(args.push_to_hub, pre, work, forward_adapters, curated_dirs)
     except StageFailed as e:
@@ -312,6 +359,82 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"\npipeline finished: {work}")
     return 0
+
+
+def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
+    """The training pairs of one ablation model: the curated set, a same-size random sample of
+    the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line)."""
+    from dataclasses import replace as dc_replace
+
+    from data.pairs import DataError, read_pairs, sample
+    kept = read_pairs(curated) if curated.stat().st_size else []
+    if not kept:
+        raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
+    if which == "curated":
+        rows = kept
+    elif which == "random":
+        rows = sample(read_pairs(augmented), len(kept), seed)
+    else:
+        rows = read_pairs(augmented)
+    return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
+
+
+def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], quiet: list[str], last: int,
+             stages: list[str], seed_file: Path, augmented: Path, curate_dir: Path, m0: Path) -> None:
+    """The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models that
+    differ only in their training pairs, each prompted with the seed tag line, compared on the
+    held-out pairs by evaluate.py with M0 as the seed-only model (d)."""
+    from data.pairs import write_jsonl_atomic
+    adapters = []
+    for which in ("curated", "random", "all"):
+        name = f"ablate-{which}"
+        if last < stages.index(name):
+            return
+
+        def body(d: Path, which=which) -> list[str]:
+            rows = ablation_set(which, augmented, curate_dir / "curated.jsonl", args.seed)
+            write_jsonl_atomic(d / "data" / "train.jsonl", rows)
+            print(f"{name}: {len(rows)} training pairs")
+            call("train", mflags + ["--data", str(d / "data" / "train.jsonl"), "--direction", "forward", "--tag",
+                                    "seed", "--out", str(d), "--seed", str(args.seed), "--resume"] + pre.train + quiet)
+            return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+        d = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which, "train": pre.train,
+                         "seed": args.seed}, [augmented, curate_dir / "curated.jsonl"], body)
+        adapters.append(d / "adapter")
+    adapters.append(m0)  # (d) seed only: M0 is exactly that model
+    if last < stages.index("ablation") or not pre.heldout:
+        return
+
+    def eval_body(d: Path) -> list[str]:
+        argv = mflags + [x for a in adapters for x in ("--forward", str(a))]
+        call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
+             + pre.evaluate + quiet)
+        (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file))
+        print((d / "ablation.md").read_text())
+        return ["eval.json", "eval.md", "ablation.md"]
+    stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": pre.evaluate, "seed": args.seed},
+          adapters, eval_body)
+
+
+def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> str:
+    """ablation.md: one row per training set, with its size, from evaluate.py's eval.json."""
+    from data.evaluation import markdown_table
+    report = json.loads(eval_json.read_text())
+    what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
+            "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0)", "base": "base model, no adapter"}
+    sizes = {"base": 0}
+    for a in adapters:
+        label = Path(a).parent.name
+        data = Path(a).parent / "data" / "train.jsonl"
+        sizes[label] = sum(1 for _ in open(data if data.exists() else seed_file))
+    rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"))
+            for row in report["forward"]]
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("nll", "held-out NLL/token", ".3f"),
+               ("wins", "wins", ""), ("losses", "losses", ""), ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
+    h = report["heldout"]
+    return ("# Quality vs quantity\n\n" + markdown_table(rows, columns) + "\n\n"
+            f"Held-out: {h['n']} pairs from `{h['spec']}`. NLL/token of the human answers (lower is better); wins/"
+            f"losses/ties against the base model's answers, judged in both orders by {report['settings']['judge']}.\n")
 
 
 def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from model.lm_loss import IGNORE_INDEX  # one definition, shared with the fused loss
 
 
 @dataclass

@@ -162,9 +162,27 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def instruction_information(pairs: Sequence[Pair], logprobs: LogProbs, tag: Tag | None = None) -> list[float]:
+    """For each pair, how much its instruction explains its output, in nats per output token:
+
+        [log p(output | forward prompt with the instruction) - log p(output | with no instruction)] / tokens
+
+    (the pointwise mutual information of instruction and output under the model). No rating
+    prompt is involved: a model too small to follow the Table 1 prompt can still tell, from its
+    own likelihoods, that an answer about bread does not answer a question about magnets. The
+    second term is computed once per distinct output and removes how predictable the output is
+    by itself, so pairs with different outputs can be ranked against each other.
+    """
+    with_instruction = logprobs([forward_prompt(p.instruction, tag) for p in pairs], [p.output for p in pairs])
+    outputs = list(dict.fromkeys(p.output for p in pairs))
+    alone = dict(zip(outputs, logprobs([forward_prompt("", tag) for _ in outputs], outputs)))
+    return [(sum(lp) - sum(alone[p.output])) / max(len(lp), 1) for p, lp in zip(pairs, with_instruction)]
+
+
 def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreNext | None,
                    out_path: str | Path, k_shot: int = 3, tag: Tag | None = "seed", seed: int = 0,
-                   batch_size: int = 8, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   batch_size: int = 8, progress: bool = False, logprobs: LogProbs | None = None
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """How well the rater's scores separate real pairs from mismatched ones.
 
     Every real pair and its mismatched twin is rated exactly as self-curation rates
@@ -177,7 +195,8 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     score sum(s * p(s)) from the log-probabilities of "1".."5" after the model's reasoning and
     "Score:", computed for *every* row here (curation only needs it for the rows without a
     readable score): a weak rater often writes the same digit for everything, while its
-    probabilities still lean the right way.
+    probabilities still lean the right way. With ``logprobs``, a third, ``auc_likelihood``,
+    ranks the pairs by :func:`instruction_information` instead: no rating prompt at all.
 
     ``out_path`` is rewritten from scratch (a rated file from an earlier evaluation, with the
     same ids, must not be mistaken for finished work) and ends up holding every rated row,
@@ -204,8 +223,8 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
             chunk = todo[start:start + batch_size]
             prompts = [forced_score_prompt(rating_prompt(r["instruction"], r["output"], k_shot, tag),
                                            clean_rating(r["rater_output"])) for r in chunk]
-            for row, logprobs in zip(chunk, score_next(prompts), strict=True):
-                row["expected_score"] = round(verdict_from_logprobs(logprobs)[2], 4)
+            for row, digit_logprobs in zip(chunk, score_next(prompts), strict=True):
+                row["expected_score"] = round(verdict_from_logprobs(digit_logprobs)[2], 4)
     write_jsonl_atomic(out_path, rows)
 
     real = [r for r in rows if r["real"]]
@@ -217,11 +236,21 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     def expected(rs: list[dict[str, Any]]) -> list[float]:
         return [float(r["expected_score"]) for r in rs if r.get("expected_score") is not None]
 
+    auc_likelihood = None
+    if logprobs is not None:
+        info = instruction_information(list(pairs) + fakes, logprobs, tag)
+        by_id = dict(zip([p.id for p in list(pairs) + fakes], info))
+        for row in rows:
+            row["instruction_information"] = round(by_id[row["id"]], 5)
+        auc_likelihood = _safe_auc([by_id[r["id"]] for r in real], [by_id[r["id"]] for r in fake])
+        write_jsonl_atomic(out_path, rows)
+
     methods = method_counts(rows)
     summary = dict(
         n_real=len(real), n_mismatched=len(fake),
         auc=_safe_auc(scores(real), scores(fake)),
         auc_expected=_safe_auc(expected(real), expected(fake)) if score_next is not None else None,
+        auc_likelihood=auc_likelihood,
         valid_score_rate=methods["text"] / len(rows) if rows else 0.0, methods=methods,
         mean_real=_mean([float(r["score"]) for r in real if r.get("score") is not None]),
         mean_mismatched=_mean([float(r["score"]) for r in fake if r.get("score") is not None]),
@@ -376,7 +405,7 @@ def choice_scorer(model: Any, tok: Any, choices: Sequence[str] = ("A", "B"), bat
 # ------------------------------------------------------------------------------- tables
 
 Column = tuple[str, str, str]  # (key in the row, header, format spec such as ".2f")
-TEXT_COLUMNS = ("model", "adapter", "tag")  # left-aligned; the rest are numbers, right-aligned
+TEXT_COLUMNS = ("model", "adapter", "tag", "set")  # left-aligned; the rest are numbers, right-aligned
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
@@ -398,6 +427,7 @@ BACKWARD_COLUMNS: list[Column] = [("model", "model", ""), ("n", "pairs", ""), ("
                                   ("rouge_l", "ROUGE-L", ".3f"), ("empty", "empty", "")]
 RATER_COLUMNS: list[Column] = [("model", "model", ""), ("n_real", "real", ""), ("n_mismatched", "mismatched", ""),
                                ("auc", "AUC (score)", ".3f"), ("auc_expected", "AUC (expected score)", ".3f"),
+                               ("auc_likelihood", "AUC (likelihood)", ".3f"),
                                ("valid_score_rate", "valid score rate", ".2f"), ("mean_real", "mean real", ".2f"),
                                ("mean_mismatched", "mean mismatched", ".2f")]
 FORWARD_COLUMNS: list[Column] = [("model", "model", ""), ("tag", "tag", ""), ("n", "pairs", ""),

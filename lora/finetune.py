@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batching import (IGNORE_INDEX, collate, length_grouped_batches, masked_lm_loss, target_token_count,
                            tokenize_pair)
+from model.lm_loss import fused_lm_loss
 
 from . import distributed
 from .adapter import load_adapter, save_adapter
@@ -165,6 +166,25 @@ def rewrite_log_until(log_path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
+def batch_loss_sum(net, model, batch: dict[str, torch.Tensor], device: torch.device, use_autocast: bool
+                   ) -> torch.Tensor:
+    """Summed next-token loss over the batch's target tokens.
+
+    ``net`` is what is called (the model, or its DistributedDataParallel wrapper) and ``model``
+    the bare Llama. When its output head is a plain frozen linear (always, in LoRA training) the
+    loss is taken from the hidden states by ``fused_lm_loss``: the same number as
+    ``masked_lm_loss(logits, labels)``, without ever building the (B, T, vocab) logits.
+    """
+    labels = batch["labels"].to(device)
+    head = model.lm_head
+    fused = type(head) is torch.nn.Linear and not head.weight.requires_grad
+    with autocast_context(device, use_autocast):
+        out = net(batch["input_ids"].to(device), batch["attention_mask"].to(device), return_hidden=fused)
+        if fused:
+            return fused_lm_loss(out, head.weight, labels, reduction="sum")
+    return masked_lm_loss(out, labels, reduction="sum")
+
+
 @torch.no_grad()
 def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device, use_autocast: bool) -> float:
     """Mean next-token loss per target token over held-out batches (shared out among the ranks)."""
@@ -172,9 +192,7 @@ def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device, use_aut
     model.eval()
     total, tokens = 0.0, 0
     for b in batches[distributed.rank()::distributed.world_size()]:
-        with autocast_context(device, use_autocast):
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        total += float(masked_lm_loss(logits, b["labels"].to(device), reduction="sum"))
+        total += float(batch_loss_sum(model, model, b, device, use_autocast))
         tokens += target_token_count(b["labels"])
     model.train(was_training)
     total, tokens = distributed.sum_across_ranks(total, tokens)
@@ -267,9 +285,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
             loss_total, step_tokens = 0.0, 0
             for i, b in enumerate(batches):
                 with distributed.sync_gradients(net, now=i == len(batches) - 1):
-                    with autocast_context(device, cfg.autocast):
-                        logits = net(b["input_ids"].to(device), b["attention_mask"].to(device))
-                    loss = masked_lm_loss(logits, b["labels"].to(device), reduction="sum") / max(n_tokens, 1)
+                    loss = batch_loss_sum(net, model, b, device, cfg.autocast) / max(n_tokens, 1)
                     if not torch.isfinite(loss):
                         ck = latest_checkpoint(ckpt_root)
                         raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}: stopping; the last "

@@ -33,23 +33,36 @@ from .quant import dequantize_4bit_weight, disable_cpu_packing_, is_4bit, quanti
 INITS = ("kaiming", "gaussian")
 
 
-class UniformDropout(nn.Module):
-    """Dropout that draws its mask by comparing uniform samples with p.
+class BitsDropout(nn.Module):
+    """Dropout whose mask is drawn as random 16-bit integers, four per 64-bit draw.
 
     Same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, kept ones
-    scaled by 1 / (1 - p)), but ``torch.rand`` is several times faster on CPU than the Bernoulli
-    sampler ``nn.Dropout`` uses, and LoRA draws one mask per adapted layer per step: on a CPU this
-    was a fifth of a whole training step."""
+    scaled by 1 / (1 - p)), up to p being rounded to a multiple of 1/65536 (0.05 becomes
+    0.0500030...; the scale uses the rounded p, so the expectation stays exactly x). Why not
+    ``nn.Dropout``: LoRA draws one mask per adapted layer per step, and on a CPU the default
+    generator is sequential, so drawing one float per element (``nn.Dropout``'s Bernoulli
+    sampler, or ``torch.rand``) was a tenth to a fifth of a whole training step; one 64-bit draw
+    per four elements is ~3x cheaper."""
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout={p}: expected a probability in [0, 1)")
         self.p = p
+        self.drop_65536 = round(p * 65536)  # an element is dropped when its 16 bits fall below this
+
+    def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Boolean mask, True with probability 1 - drop_65536 / 65536 for each element."""
+        n = math.prod(shape)
+        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+        bits = words.view(torch.int16)[:n].view(shape)  # uniform over -32768..32767
+        return bits >= self.drop_65536 - 32768
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or self.drop_65536 == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        scale = 65536 / (65536 - self.drop_65536)
+        return torch.where(self.keep_mask(x.shape, x.device), x * scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -86,7 +99,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / r
-        self.lora_dropout = UniformDropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = BitsDropout(dropout) if dropout > 0 else nn.Identity()
         # Built and initialised on the CPU (so a seeded CPU generator gives the same A on every
         # device), then moved next to the base weight.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device="cpu")

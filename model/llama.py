@@ -216,8 +216,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, start_pos: int | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) for the last position with ``last_only``."""
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position with ``last_only``.
+
+        ``return_hidden=True`` stops before the output head and returns the final normed hidden
+        states (B, T, hidden): training feeds them to ``model.lm_loss.fused_lm_loss``, which puts
+        only the labelled positions through the head, a chunk at a time."""
         B, T = input_ids.shape
         start = start_pos or 0
         if position_ids is None:
@@ -239,6 +243,8 @@ class Llama(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, start_pos)
         x = self.model.norm(x)
+        if return_hidden:
+            return x
         if last_only:
             # contiguous: a strided 3-D input sends F.linear down a batched-matmul path that
             # copies the whole (vocab x hidden) weight once per row.

@@ -121,6 +121,29 @@ def test_rater_without_score_lines_uses_the_fallback(tmp_path: Path) -> None:
     assert summary["methods"]["none"] == 12 and summary["auc"] == 0.5 and summary["mean_real"] is None
 
 
+def test_likelihood_auc_from_instruction_information(tmp_path: Path) -> None:
+    """A model for which an answer is likely after its own question and unlikely after another:
+    the likelihood AUC is 1.0 even though its rating text is useless (always "3")."""
+    from data.evaluation import instruction_information
+    real = {p.output: p.instruction for p in PAIRS}
+
+    def logprobs(prompts: list[str], continuations: list[str]) -> list[list[float]]:
+        out = []
+        for prompt, c in zip(prompts, continuations):
+            n = len(c.split())
+            per_token = -0.5 if real[c] in prompt else (-1.0 if "Instruction:\n\n" in prompt else -1.5)
+            out.append([per_token] * n)
+        return out
+    info = instruction_information(PAIRS + mismatched(PAIRS, 0), logprobs)
+    assert info[:6] == [pytest.approx(0.5)] * 6 and info[6:] == [pytest.approx(-0.5)] * 6
+    summary, rows = evaluate_rater(PAIRS, stub_rater("3", "3"), None, tmp_path / "r.jsonl", k_shot=0,
+                                   logprobs=logprobs)
+    assert summary["auc"] == 0.5 and summary["auc_likelihood"] == 1.0
+    assert all("instruction_information" in r for r in rows)
+    summary, _ = evaluate_rater(PAIRS, stub_rater("3", "3"), None, tmp_path / "r.jsonl", k_shot=0)
+    assert summary["auc_likelihood"] is None
+
+
 # ----------------------------------------------------------------------- forward model
 
 

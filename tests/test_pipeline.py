@@ -17,7 +17,9 @@ from data.pairs import read_jsonl
 from tests.tiny import make_tiny
 
 FAST = ["--n-unlabelled", "8", "--train-args=--max-steps 2", "--augment-args=--batch-size 3 --max-new-tokens 12",
-        "--curate-args=--max-new-tokens 8 --batch-size 4", "--no-progress"]
+        "--curate-args=--max-new-tokens 8 --batch-size 4", "--no-progress",
+        "--eval-args=--n 4 --instruction-tokens 6 --rating-tokens 6 --answer-tokens 6 --no-plots"]
+STAGES = {"data", "backward", "m0", "augment", "curate", "forward", "respond", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
     work = tmp_path / "run"
     assert pipeline.main(["--workdir", str(work), "--model", tiny] + FAST) == 0
     out = capsys.readouterr().out
-    assert set(manifests(work)) == {"data", "backward", "m0", "augment", "curate", "forward", "respond"}
+    assert set(manifests(work)) == STAGES
     augmented = read_jsonl(work / "augment/augmented.jsonl")
     dropped = read_jsonl(work / "augment/augmented.jsonl.dropped.jsonl") if \
         (work / "augment/augmented.jsonl.dropped.jsonl").exists() else []
@@ -52,14 +54,34 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
     before = manifests(work)
     assert pipeline.main(["--workdir", str(work), "--model", tiny] + FAST) == 0
     assert manifests(work) == before, "a re-run must do nothing"
-    assert capsys.readouterr().out.count("up to date, skipped") == 7
+    assert capsys.readouterr().out.count("up to date, skipped") == len(STAGES)
 
     assert pipeline.main(["--workdir", str(work), "--model", tiny, "--from", "curate"] + FAST) == 0
     after = manifests(work)
     for name in ("data", "backward", "m0", "augment"):
         assert after[name] == before[name], name
-    for name in ("curate", "forward", "respond"):
+    for name in ("curate", "forward", "respond", "evaluate"):
         assert after[name] != before[name], name
+    report = json.loads((work / "evaluate/eval.json").read_text())
+    assert [r["model"] for r in report["forward"]] == ["base", "m0", "forward"]
+    assert report["backward"] and report["rater"] and report["heldout"]["n"] == 4
+
+
+def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys):
+    work = tmp_path / "run"
+    argv = ["--workdir", str(work), "--model", tiny, "--threshold", "1", "--ablation"] + FAST
+    assert pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    curated = read_jsonl(work / "curate/curated.jsonl")
+    sizes = {name: len(read_jsonl(work / name / "data/train.jsonl")) for name in ("ablate-curated", "ablate-random",
+                                                                                  "ablate-all")}
+    augmented = read_jsonl(work / "augment/augmented.jsonl")
+    assert sizes == {"ablate-curated": len(curated), "ablate-random": len(curated), "ablate-all": len(augmented)}
+    assert all("tag" not in r.get("meta", {}) for r in read_jsonl(work / "ablate-all/data/train.jsonl"))
+    report = json.loads((work / "ablation/eval.json").read_text())
+    assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", "ablate-random", "ablate-all", "m0"]
+    table = (work / "ablation/ablation.md").read_text()
+    assert "(a) curated" in table and "(d) seed only (M0)" in table and "Quality vs quantity" in out
 
 
 def test_killed_augmentation_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypatch):

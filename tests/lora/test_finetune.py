@@ -92,17 +92,17 @@ def test_resume_after_a_kill_is_exact(tiny_dir, tmp_path, monkeypatch):
     run(tmp_path / "straight", tiny_dir, 8)
 
     calls = {"n": 0}
-    real_loss = finetune.masked_lm_loss
+    real_loss = finetune.batch_loss_sum
 
     def dying_loss(*a, **k):  # the process "dies" in the middle of step 6 (checkpoint at step 4)
         calls["n"] += 1
         if calls["n"] == 5 * 2 + 1:
             raise KeyboardInterrupt
         return real_loss(*a, **k)
-    monkeypatch.setattr(finetune, "masked_lm_loss", dying_loss)
+    monkeypatch.setattr(finetune, "batch_loss_sum", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed", tiny_dir, 8)
-    monkeypatch.setattr(finetune, "masked_lm_loss", real_loss)
+    monkeypatch.setattr(finetune, "batch_loss_sum", real_loss)
     assert [d.name for d in sorted((tmp_path / "killed/checkpoints").glob("step-*"))] == ["step-000002", "step-000004"]
     run(tmp_path / "killed", tiny_dir, 8, resume=True)
 
@@ -115,14 +115,14 @@ def test_resume_after_a_kill_is_exact(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    real_loss = finetune.masked_lm_loss
+    real_loss = finetune.batch_loss_sum
     calls = {"n": 0}
 
     def nan_later(*a, **k):
         calls["n"] += 1
         out = real_loss(*a, **k)
         return out * float("nan") if calls["n"] > 6 else out
-    monkeypatch.setattr(finetune, "masked_lm_loss", nan_later)
+    monkeypatch.setattr(finetune, "batch_loss_sum", nan_later)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*step-000002"):
         run(tmp_path, tiny_dir, 8)
     assert (tmp_path / "checkpoints/step-000002/adapter/adapter_model.safetensors").exists()

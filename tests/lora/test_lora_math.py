@@ -200,6 +200,28 @@ def test_dropout_only_touches_the_adapter_path_in_training():
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_mask_statistics(p):
+    """The adapter's dropout keeps each element with probability 1 - p (to 1/65536) and keeps the
+    expectation: mean(dropout(1)) = 1. 10^6 draws: the binomial standard error is < 5e-4."""
+    from lora.layer import BitsDropout
+    torch.manual_seed(0)
+    drop = BitsDropout(p).train()
+    y = drop(torch.ones(1000, 1000))
+    kept = (y != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 3e-3
+    assert abs(y.double().mean().item() - 1.0) < 3e-3 / (1 - p)
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p), rel=1e-4)
+    odd = drop(torch.ones(3, 5, 7))  # a size that is not a multiple of four 16-bit draws
+    assert odd.shape == (3, 5, 7)
+    torch.manual_seed(1)
+    a = drop(torch.ones(64))
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(torch.ones(64))), "seeded by the global generator, like nn.Dropout"
+    assert torch.equal(drop.eval()(y), y)
+
+
 def test_export_merged_fp32_loads_back_equal(tmp_path):
     from model import load_model
     from tests.tiny import tiny_spm_bytes
