@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--n 30 --no-judge\"")
     g.add_argument("--ablation", action="store_true",
                    help="also run the quality-vs-quantity ablation (ablate-* stages and 'ablation')")
+    g.add_argument("--ablation-train-args", default="",
+                   help="extra train.py flags for the ablate-* trainings only, after --train-args (e.g. "
+                        "\"--epochs 3\": their sets are small)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -386,6 +389,7 @@ def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], qu
     held-out pairs by evaluate.py with M0 as the seed-only model (d)."""
     from data.pairs import write_jsonl_atomic
     adapters = []
+    train = pre.train + shlex.split(args.ablation_train_args)
     for which in ("curated", "random", "all"):
         name = f"ablate-{which}"
         if last < stages.index(name):
@@ -396,9 +400,9 @@ def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], qu
             write_jsonl_atomic(d / "data" / "train.jsonl", rows)
             print(f"{name}: {len(rows)} training pairs")
             call("train", mflags + ["--data", str(d / "data" / "train.jsonl"), "--direction", "forward", "--tag",
-                                    "seed", "--out", str(d), "--seed", str(args.seed), "--resume"] + pre.train + quiet)
+                                    "seed", "--out", str(d), "--seed", str(args.seed), "--resume"] + train + quiet)
             return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
-        d = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which, "train": pre.train,
+        d = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which, "train": train,
                          "seed": args.seed}, [augmented, curate_dir / "curated.jsonl"], body)
         adapters.append(d / "adapter")
     adapters.append(m0)  # (d) seed only: M0 is exactly that model

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batching import (IGNORE_INDEX, collate, length_grouped_batches, masked_lm_loss, target_token_count,
                            tokenize_pair)
+from model.load import native_bf16
 from model.lm_loss import fused_lm_loss
 
 from . import distributed
@@ -90,10 +91,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def autocast_context(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); otherwise off."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if enabled and device.type in ("cuda", "cpu") and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
