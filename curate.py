@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from generate import (INPUT_ERRORS, RANKS_WAIT, UsageError, add_model_flags, adapter_settings, batch_seed,
-                      check_direction, load_for_inference, merge_ranks, resolve_tag, shard_flag, short, split_work)
+from generate import (INPUT_ERRORS, RANKS_WAIT, UsageError, add_compile_flag, add_model_flags, adapter_settings,
+                      batch_seed, check_direction, load_for_inference, merge_ranks, resolve_tag, shard_flag, short,
+                      split_work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="rater nucleus mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed, used when --temperature > 0 (default 0)")
     g.add_argument("--batch-size", type=int, default=8, help="pairs rated together (default 8)")
+    add_compile_flag(g)
     g.add_argument("--no-fallback", action="store_true",
                    help="do not score unreadable answers from log-probabilities (they stay unscored)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         def complete(prompts: list[str]) -> list[str]:
             return generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, stop=list(RATER_STOPS), seed=batch_seed(args.seed, prompts),
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, compile=args.compile)
 
         score_next = None if args.no_fallback else logprob_scorer(model, tok, batch_size=args.batch_size)
         t0 = time.perf_counter()

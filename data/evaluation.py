@@ -43,7 +43,7 @@ from data.curate import (ScoreNext, clean_rating, forced_score_prompt, histogram
 from data.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
                           preference_rate, rouge_l)
 from data.pairs import DataError, Pair, sample, write_jsonl_atomic
-from data.templates import Tag, backward_prompt, forward_prompt, rating_prompt
+from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt, rating_prompt
 
 Complete = Callable[[list[str]], list[str]]
 LogProbs = Callable[[list[str], list[str]], list[list[float]]]
@@ -290,32 +290,8 @@ def answer(pairs: Sequence[Pair], complete: Complete, tag: Tag | None = None) ->
 
 # ------------------------------------------------------------------------------ judging
 
-# The judge's prompt. (Every other prompt lives in data/templates.py; this one is only for
-# evaluation.) It is an instruction in the project's forward format, followed by "Verdict:", so
-# the verdict is the next word and its log-probability can be read off (:func:`choice_scorer`).
-JUDGE_INSTRUCTION = (
-    "Compare two answers to the same question and decide which one is better: more helpful, correct, "
-    "relevant and clear. Reply with one word: A if answer A is better, B if answer B is better, or tie "
-    "if they are equally good." + """
-
-Question:
-{question}
-
-Answer A:
-{answer_a}
-
-Answer B:
-{answer_b}""")
-JUDGE_SUFFIX = "Verdict:"
 JUDGE_STOPS = ("\n###",)  # not a bare "\n": models often start the verdict on a new line
 JUDGE_TOKENS = 6  # a verdict is one word; parse_verdict reads the first non-empty line
-
-
-def judge_prompt(question: str, answer_a: str, answer_b: str, max_chars: int = 2000) -> str:
-    """The judge's prompt for one ordered pair of answers (each cut to ``max_chars``)."""
-    instruction = JUDGE_INSTRUCTION.format(question=question.strip(), answer_a=answer_a.strip()[:max_chars],
-                                           answer_b=answer_b.strip()[:max_chars])
-    return forward_prompt(instruction) + JUDGE_SUFFIX
 
 
 def judge_pairwise(questions: Sequence[str], candidate: Sequence[str], baseline: Sequence[str],

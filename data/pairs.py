@@ -23,6 +23,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, IO
@@ -262,27 +263,35 @@ def append_jsonl(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]]) -> 
     return text.count("\n")
 
 
-def write_jsonl_atomic(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]]) -> int:
-    """Replace ``path`` with these rows in one step; return how many were written.
+@contextmanager
+def atomic_writer(path: str | Path, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a text file that replaces ``path`` in one step when the ``with`` block ends.
 
-    The rows go to a temporary file in the same folder, which is fsync'ed and then
-    renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows): a reader,
-    or a run that crashes mid-write, sees either the old file or the new one, never a
-    mix.
+    Writes go to a temporary file in the same folder, which is fsync'ed and then renamed over
+    ``path`` with ``os.replace`` (atomic on POSIX and Windows): a reader, or a run that crashes
+    mid-write, sees either the old file or the new one, never a mix. An exception inside the
+    block leaves ``path`` untouched and removes the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(_dump(row))
-                n += 1
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]]) -> int:
+    """Replace ``path`` with these rows in one step (:func:`atomic_writer`); return how many
+    were written."""
+    n = 0
+    with atomic_writer(path) as f:
+        for row in rows:
+            f.write(_dump(row))
+            n += 1
     return n

@@ -244,3 +244,29 @@ def rating_prompt(instruction: str, response: str, k: int = 0, tag: Tag | None =
     tag by default; None if it was trained without tags).
     """
     return forward_prompt(rating_instruction(instruction, response, k), tag)
+
+
+# The judge's prompt (evaluate.py --forward compares a model's answers with the base model's):
+# an instruction in the project's forward format, followed by "Verdict:", so the verdict is the
+# next word and its log-probability can be read off (data.evaluation.choice_scorer).
+JUDGE_INSTRUCTION = (
+    "Compare two answers to the same question and decide which one is better: more helpful, correct, "
+    "relevant and clear. Reply with one word: A if answer A is better, B if answer B is better, or tie "
+    "if they are equally good." + """
+
+Question:
+{question}
+
+Answer A:
+{answer_a}
+
+Answer B:
+{answer_b}""")
+JUDGE_SUFFIX = "Verdict:"
+
+
+def judge_prompt(question: str, answer_a: str, answer_b: str, max_chars: int = 2000) -> str:
+    """The judge's prompt for one ordered pair of answers (each cut to ``max_chars``)."""
+    instruction = JUDGE_INSTRUCTION.format(question=question.strip(), answer_a=answer_a.strip()[:max_chars],
+                                           answer_b=answer_b.strip()[:max_chars])
+    return forward_prompt(instruction) + JUDGE_SUFFIX

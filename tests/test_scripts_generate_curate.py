@@ -29,9 +29,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny"), max_position_embeddings=4096)
 
 
-def zero_adapter(folder: Path, direction: str, tag: str = "none", r: int = 2) -> Path:
-    """A PEFT-format LoRA adapter whose B matrices are zero (so it changes nothing), with the
-    extra fields train.py records (direction, tag)."""
+def zero_adapter(folder: Path, direction: str, tag: str = "none", r: int = 2, b_std: float = 0.0) -> Path:
+    """A PEFT-format LoRA adapter whose B matrices are zero (so it changes nothing; or random
+    with ``b_std``), with the extra fields train.py records (direction, tag)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
               "target_modules": ["q_proj", "v_proj"], "bias": "none", "direction": direction, "tag": tag}
@@ -42,7 +42,7 @@ def zero_adapter(folder: Path, direction: str, tag: str = "none", r: int = 2) ->
         for name, out_features in (("q_proj", hidden), ("v_proj", kv)):
             key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.zeros(out_features, r)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, r) * b_std
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 
@@ -106,6 +106,27 @@ def test_predict_writes_csv(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and list(rows[0]) == ["id", "instruction", "output"]
     assert rows[0]["id"] == "demo-test-01" and rows[0]["instruction"]
+
+
+def test_predict_with_compile_merges_the_adapter_and_answers_the_same(tiny: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--compile folds the LoRA update into the weights and decodes with the compiled step: in
+    fp32, greedy, the answers are the eager, unmerged ones token for token."""
+    adapter = zero_adapter(tmp_path / "adapter", "forward", b_std=0.5)
+    answers = []
+    torch.compiler.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"predictions{len(extra)}.csv"
+        assert generate.main(["--model", str(tiny), "--adapter", str(adapter), "--predict", TEST_PROMPTS, "--out",
+                              str(out), "--max-new-tokens", "5", "--temperature", "0", "--dtype", "fp32",
+                              "--batch-size", "4", "--device", "cpu", "--no-progress"] + extra) == 0
+        with open(out, newline="", encoding="utf-8") as f:
+            answers.append([row["output"] for row in csv.DictReader(f)])
+    assert answers[0] == answers[1] and len(answers[0]) == 10
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "the compiled step must have run"
+    assert "decoding eagerly" not in capsys.readouterr().err
+    torch.compiler.reset()
 
 
 @pytest.mark.parametrize("argv, message", [
