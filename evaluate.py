@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m-instruct",
                    help="base model the adapters were trained on: folder, hub repo id, or 'smollm2-135m-instruct'")
     g.add_argument("--quantize", choices=["nf4"], default=None, help="load block linears as 4-bit NF4 (bitsandbytes)")
-    g.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU or with nf4, else fp32)")
+    g.add_argument("--dtype", default=None,
+                   help="bf16 / fp32 / fp16 (default: bf16 on a GPU, with nf4, or on a CPU with native bf16; else fp32)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g.add_argument("--judge", default=None,
                    help="judge model for --forward (folder or hub id, loaded like --model); default: the base model")

@@ -139,7 +139,8 @@ def add_compile_flag(group) -> None:
     group.add_argument("--compile", action="store_true",
                        help="compile the decode step (model/compiled.py): about a minute of compiling per batch "
                             "size, then ~2x faster decoding on CPU; the adapter is merged into the weights first "
-                            "(bf16/fp32 bases; an NF4 base runs eagerly)")
+                            "(bf16/fp32 bases; an NF4 base runs eagerly). Merging into bf16 weights rounds the "
+                            "update, so outputs can differ slightly from an unmerged run")
 
 
 def load_for_inference(args: argparse.Namespace):

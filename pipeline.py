@@ -23,12 +23,14 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   evaluate   every model on held-out pairs no stage trained on: the backward model's BLEU/ROUGE-L,
              the rater's real-vs-mismatched AUC, M0/M1(/M2) NLL and judged wins vs the base
                                                                                   (evaluate.py)
-  with --ablation, the paper's quality-vs-quantity experiment (forward models that differ only
-  in their training pairs, all with the seed tag line, compared by evaluate.py):
-  ablate-curated   trained on the curated set (A5 with threshold 5)
+  with --ablation (and a held-out set), the paper's quality-vs-quantity experiment: forward
+  models trained the same way (--train-args, then --ablation-train-args) on different pairs, all
+  with the seed tag line, compared by evaluate.py:
+  ablate-curated   trained on the curated set (rated >= --threshold: A5 at the paper's 5)
   ablate-random    trained on a random sample of the uncurated augmented pairs, same size
   ablate-all       trained on all augmented pairs
-  ablation         evaluate.py on those three + M0 (seed only); ablation.md, forward_nll.png
+  ablation         evaluate.py on those three + M0 (the seed-only model, as the m0 stage trained
+                   it: without --ablation-train-args); ablation.md, forward_nll.png
 
 Every stage prints the equivalent command, so any step can be rerun or changed by hand.
 """
@@ -92,7 +94,7 @@ PRESETS = {
                          augment=["--max-new-tokens", "128", "--batch-size", "16"],
                          curate=["--max-new-tokens", "128", "--batch-size", "8"],
                          respond=["--max-new-tokens", "512", "--batch-size", "8"],
-                         heldout=GUANACO_EVAL, evaluate=["--n", "100"]),
+                         heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"]),
     # The paper's recipe at the scale one GPU allows: 3,200 oasst1 seed pairs, a web corpus, two iterations.
     "paper": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4", seed_data="oasst1:OpenAssistant/oasst1",
                     unlabelled="web:allenai/c4/en/c4-train.00000-of-01024.json.gz",
@@ -103,7 +105,7 @@ PRESETS = {
                     augment=["--max-new-tokens", "128", "--batch-size", "32"],
                     curate=["--max-new-tokens", "128", "--batch-size", "16"],
                     respond=["--max-new-tokens", "512", "--batch-size", "8"],
-                    heldout=GUANACO_EVAL, evaluate=["--n", "100"]),
+                    heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"]),
 }
 STAGES = ["data", "backward", "m0", "augment", "curate", "forward", "respond", "curate2", "forward2", "respond2",
           "evaluate", "ablate-curated", "ablate-random", "ablate-all", "ablation"]
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
+    if args.ablation and not pre.heldout:
+        print("error: --ablation compares models on held-out pairs: give --heldout", file=sys.stderr)
+        return 2
     stages = (STAGES[:7] + (ITERATION2 if pre.iterations == 2 else []) + (["evaluate"] if pre.heldout else [])
               + (ABLATION if args.ablation else []))
     for flag, name in ((args.from_stage, "--from"), (args.until, "--until")):
@@ -264,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     last = stages.index(args.until) if args.until in stages else len(stages) - 1
     mflags = model_flags(pre, args.device)
     quiet = ["--no-progress"] if args.no_progress else []
+    # The evaluation rates held-out pairs with the prompt curation used (same few-shot count);
+    # the preset's and --eval-args' flags come after, so they can still change it.
+    eval_flags = ["--k-shot", str(pre.k_shot)] + pre.evaluate
     (work / "preset.json").write_text(json.dumps(pre.__dict__, indent=2))
 
     def stage(i_name: str, config: dict, inputs: list[Path], body) -> Path:
@@ -346,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 for a in forward_adapters:
                     argv += ["--forward", str(a)]
                 call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
-                     + pre.evaluate + quiet)
+                     + eval_flags + quiet)
                 return ["eval.json", "eval.md"]
-            stage("evaluate", {"model": pre.model, "heldout": pre.heldout, "evaluate": pre.evaluate,
-                               "seed": args.seed}, [backward, m0, *forward_adapters], eval_body)
+            stage("evaluate", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed},
+                  [backward, m0, *forward_adapters, *heldout_files(pre.heldout)], eval_body)
         if args.ablation and last >= stages.index("ablate-curated"):
-            ablation(pre, args, stage, mflags, quiet, last, stages, seed_file, augmented, curated_dirs[0], m0)
+            ablation(pre, args, stage, mflags, quiet, last, stages, seed_file, augmented, curated_dirs[0], m0,
+                     eval_flags)
         if args.push_to_hub and forward_adapters:
             push(args.push_to_hub, pre, work, forward_adapters, curated_dirs)
     except StageFailed as e:
@@ -383,10 +392,12 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
 
 
 def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], quiet: list[str], last: int,
-             stages: list[str], seed_file: Path, augmented: Path, curate_dir: Path, m0: Path) -> None:
-    """The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models that
-    differ only in their training pairs, each prompted with the seed tag line, compared on the
-    held-out pairs by evaluate.py with M0 as the seed-only model (d)."""
+             stages: list[str], seed_file: Path, augmented: Path, curate_dir: Path, m0: Path,
+             eval_flags: list[str]) -> None:
+    """The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models
+    trained the same way on different pairs, each prompted with the seed tag line, compared on the
+    held-out pairs by evaluate.py, with M0 as the seed-only model (d). M0 is reused as the m0 stage
+    trained it, so --ablation-train-args (e.g. more epochs for the small sets) do not apply to it."""
     from data.pairs import write_jsonl_atomic
     adapters = []
     train = pre.train + shlex.split(args.ablation_train_args)
@@ -406,18 +417,24 @@ def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], qu
                          "seed": args.seed}, [augmented, curate_dir / "curated.jsonl"], body)
         adapters.append(d / "adapter")
     adapters.append(m0)  # (d) seed only: M0 is exactly that model
-    if last < stages.index("ablation") or not pre.heldout:
+    if last < stages.index("ablation"):
         return
 
     def eval_body(d: Path) -> list[str]:
         argv = mflags + [x for a in adapters for x in ("--forward", str(a))]
         call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
-             + pre.evaluate + quiet)
+             + eval_flags + quiet)
         (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file))
         print((d / "ablation.md").read_text())
         return ["eval.json", "eval.md", "ablation.md"]
-    stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": pre.evaluate, "seed": args.seed},
-          adapters, eval_body)
+    stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed},
+          [*adapters, *heldout_files(pre.heldout)], eval_body)
+
+
+def heldout_files(spec: str) -> list[Path]:
+    """The held-out spec's local file, if it is one, so that editing it re-runs the evaluations."""
+    path = Path(spec.split(":", 1)[1] if ":" in spec and not Path(spec).exists() else spec)
+    return [path] if path.is_file() else []
 
 
 def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> str:
@@ -425,7 +442,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     from data.evaluation import markdown_table
     report = json.loads(eval_json.read_text())
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
-            "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0)", "base": "base model, no adapter"}
+            "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
+            "base": "base model, no adapter"}
     sizes = {"base": 0}
     for a in adapters:
         label = Path(a).parent.name

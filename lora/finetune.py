@@ -176,7 +176,7 @@ def batch_loss_sum(net, model, batch: dict[str, torch.Tensor], device: torch.dev
     """
     labels = batch["labels"].to(device)
     head = model.lm_head
-    fused = type(head) is torch.nn.Linear and not head.weight.requires_grad
+    fused = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
     with autocast_context(device, use_autocast):
         out = net(batch["input_ids"].to(device), batch["attention_mask"].to(device), return_hidden=fused)
         if fused:
@@ -301,7 +301,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
             elapsed = time.perf_counter() - t_start
             row = {"step": done, "loss": round(loss_total, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_seen / elapsed, 1)}
-            if cfg.eval_every and eval_batches and (done % cfg.eval_every == 0 or done == total_steps):
+            if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
                 last_eval = evaluate_loss(model, eval_batches, device, cfg.autocast)
                 row["eval_loss"] = round(last_eval, 6)
             if done % cfg.log_every == 0 or "eval_loss" in row or done == total_steps:

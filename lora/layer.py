@@ -50,6 +50,8 @@ class BitsDropout(nn.Module):
             raise ValueError(f"dropout={p}: expected a probability in [0, 1)")
         self.p = p
         self.drop_65536 = round(p * 65536)  # an element is dropped when its 16 bits fall below this
+        if self.drop_65536 >= 65536:
+            raise ValueError(f"dropout={p}: rounds to 1 at this resolution (1/65536), which would drop everything")
 
     def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Boolean mask, True with probability 1 - drop_65536 / 65536 for each element."""

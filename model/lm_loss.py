@@ -33,7 +33,9 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 1024  # rows of logits alive at once: 1024 x 49152 x 4 bytes = 200 MB for SmolLM2
+# Rows of logits alive at once. For SmolLM2 a chunk's float32 logits are 1024 x 49152 x 4 bytes =
+# 200 MB, and with the bf16 matmul output and logsumexp's temporaries the peak is ~3x that.
+CHUNK_ROWS = 1024
 
 
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -69,7 +71,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.h_dtype), None, None, None
+        return grad_h.to(ctx.h_dtype) * grad_out, None, None, None
 
 
 def fused_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
@@ -83,7 +85,8 @@ def fused_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch
             predicts ``labels[:, t + 1]``, as in ``masked_lm_loss``.
         reduction: "sum" (what gradient accumulation wants) or "mean" over labelled tokens.
     Returns the same value, and the same gradient w.r.t. ``hidden``, as
-    ``masked_lm_loss(lm_head(hidden), labels, reduction)``, up to float rounding.
+    ``masked_lm_loss(lm_head(hidden), labels, reduction)``, up to float rounding (one exception:
+    with no labelled position at all, "mean" gives 0 where cross_entropy gives NaN).
     """
     if head_weight.requires_grad:
         raise ValueError("fused_lm_loss does not compute the head's gradient: freeze it, or use "

@@ -224,8 +224,9 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether bf16 matmuls are fast on ``device``: any CUDA GPU this code targets, or a CPU with
-    AVX512-BF16 / AMX (there bf16 runs ~2.5x faster than fp32; without them it is emulated, slower)."""
+    """Whether to prefer bf16 on ``device``: on CUDA always (Ampere and newer have bf16 tensor
+    cores; a pre-Ampere GPU such as the T4 runs bf16 too, slower: pass dtype fp16 there), and on a
+    CPU with AVX512-BF16 / AMX (~2.5x faster than fp32; without them bf16 is emulated, slower)."""
     device = torch.device(device)
     if device.type == "cuda":
         return True

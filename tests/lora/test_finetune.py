@@ -84,6 +84,16 @@ def run(tmp, tiny_dir, steps, **kw):
     return train(model, tok, examples() * 2, cfg, eval_pairs=examples()[:2], progress=False, **kw)
 
 
+def test_eval_every_zero_evaluates_once_at_the_end(tiny_dir, tmp_path):
+    model, tok = load_model(tiny_dir, device="cpu")
+    cfg = TrainConfig(out_dir=str(tmp_path), r=4, alpha=8, max_steps=3, batch_size=2, warmup_steps=1, eval_every=0,
+                      save_every=0, max_len=64)
+    summary = train(model, tok, examples(), cfg, eval_pairs=examples()[:2], progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3]
+    assert summary["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-6)
+
+
 def comparable_log(path):
     return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]
 
