@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(run n shards with separate --out/--curated files)")
     add_model_flags(p)
     g = p.add_argument_group("rating")
+    g.add_argument("--method", choices=["prompt", "likelihood"], default="prompt",
+                   help="prompt: the paper's Table 1 rating prompt, 'Score: N' (default); likelihood: no prompt, "
+                        "score 1-5 from how much the instruction raises log p(output) per token (for raters too "
+                        "small to follow the prompt; see data/curate.py rate_by_likelihood)")
     g.add_argument("--k-shot", type=int, default=3,
                    help="few-shot demonstrations before the Table 1 prompt, 0-5 (default 3; the paper uses 0)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
@@ -67,12 +71,13 @@ def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
     from data.curate import extremes, histogram, method_counts, render_histogram
     total = len(rows)
     methods = method_counts(rows)
-    scored = methods["text"] + methods["logprob"]
+    scored = methods["text"] + methods["logprob"] + methods["likelihood"]
     print(f"\nscore histogram ({total} rated pairs):")
     print(render_histogram(histogram(rows)))
     pct = (lambda n: f"{100 * n / total:.1f}%") if total else (lambda n: "-")
+    by_likelihood = f", from the likelihood: {methods['likelihood']}" if methods["likelihood"] else ""
     print(f"\nscores from text: {methods['text']} ({pct(methods['text'])}), from the log-prob fallback: "
-          f"{methods['logprob']} ({pct(methods['logprob'])}), none: {methods['none']}; "
+          f"{methods['logprob']} ({pct(methods['logprob'])}){by_likelihood}, none: {methods['none']}; "
           f"valid: {scored}/{total} ({pct(scored)})")
     top, bottom = extremes(rows, 5)
     for title, chosen in (("highest", top), ("lowest", bottom)):
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from lora import distributed
     try:
-        from data.curate import RATER_STOPS, logprob_scorer, rate, read_rated, select
+        from data.curate import RATER_STOPS, logprob_scorer, rate, rate_by_likelihood, read_rated, select
         from data.pairs import write_jsonl_atomic
         from data.readers import format_stats, load_source
         from model import generate
@@ -116,15 +121,24 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, stop=list(RATER_STOPS), seed=batch_seed(args.seed, prompts),
                             batch_size=args.batch_size, compile=args.compile)
 
-        score_next = None if args.no_fallback else logprob_scorer(model, tok, batch_size=args.batch_size)
+        progress = not args.no_progress and distributed.is_main()
         t0 = time.perf_counter()
-        counts = rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=args.batch_size,
-                      tag=tag, progress=not args.no_progress and distributed.is_main(), done_files=done_files)
+        if args.method == "likelihood":
+            from model.sampling import token_logprobs
+
+            def logprobs(prompts: list[str], continuations: list[str]) -> list[list[float]]:
+                return [t.tolist() for t in token_logprobs(model, tok, prompts, continuations, args.batch_size)]
+            counts = rate_by_likelihood(mine, logprobs, out, batch_size=args.batch_size, tag=tag, progress=progress,
+                                        done_files=done_files)
+        else:
+            score_next = None if args.no_fallback else logprob_scorer(model, tok, batch_size=args.batch_size)
+            counts = rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=args.batch_size,
+                          tag=tag, progress=progress, done_files=done_files)
         counts = merge_ranks(args.out, [p.id for p in pairs], counts)
         if counts is None:  # a rank other than 0: its part is written and merged
             return 0
         print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" ({time.perf_counter() - t0:.1f}s, "
-              f"k_shot={args.k_shot}, tag={tag or 'none'})")
+              f"method={args.method}, k_shot={args.k_shot}, tag={tag or 'none'})")
 
         # Report and select over this input's rows only (the --out file may hold other runs' rows too).
         ours = {p.id for p in (pairs if distributed.world_size() > 1 else mine)}  # rank 0 merged them all

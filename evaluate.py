@@ -336,8 +336,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "AUC: probability that a real pair scores above a mismatched one (its instruction swapped with "
                   "another pair's), ties 1/2; 0.5 = chance. *expected score*: sum of s * p(s) over the log-probs "
                   "of \"1\"..\"5\" after \"Score:\". *likelihood*: no rating prompt; pairs ranked by how much the "
-                  "instruction raises the log-likelihood of the output (nats/token, data.evaluation."
-                  "instruction_information). *valid score rate*: answers with a readable \"Score: N\"."]
+                  "instruction raises the log-likelihood of the output (nats/token, "
+                  "data.curate.instruction_information). *valid score rate*: answers with a readable \"Score: N\"."]
         for row in report["rater"]:
             for kind in ("real", "mismatched"):
                 parts += ["", f"Scores of {row['model']}, {kind} pairs:", "", "```",

@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from data.augment import clean_instruction
-from data.curate import (ScoreNext, clean_rating, forced_score_prompt, histogram, method_counts, rate,
-                         read_rated, verdict_from_logprobs)
+from data.curate import (LogProbs, ScoreNext, clean_rating, forced_score_prompt, histogram, instruction_information,
+                         method_counts, rate, read_rated, verdict_from_logprobs)
 from data.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
                           preference_rate, rouge_l)
 from data.pairs import DataError, Pair, sample, write_jsonl_atomic
 from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt, rating_prompt
 
 Complete = Callable[[list[str]], list[str]]
-LogProbs = Callable[[list[str], list[str]], list[list[float]]]
 Choose = Callable[[list[str]], list[dict[str, float]]]
 
 
@@ -160,23 +159,6 @@ def _safe_auc(pos: list[float], neg: list[float]) -> float | None:
 
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def instruction_information(pairs: Sequence[Pair], logprobs: LogProbs, tag: Tag | None = None) -> list[float]:
-    """For each pair, how much its instruction explains its output, in nats per output token:
-
-        [log p(output | forward prompt with the instruction) - log p(output | with no instruction)] / tokens
-
-    (the pointwise mutual information of instruction and output under the model). No rating
-    prompt is involved: a model too small to follow the Table 1 prompt can still tell, from its
-    own likelihoods, that an answer about bread does not answer a question about magnets. The
-    second term is computed once per distinct output and removes how predictable the output is
-    by itself, so pairs with different outputs can be ranked against each other.
-    """
-    with_instruction = logprobs([forward_prompt(p.instruction, tag) for p in pairs], [p.output for p in pairs])
-    outputs = list(dict.fromkeys(p.output for p in pairs))
-    alone = dict(zip(outputs, logprobs([forward_prompt("", tag) for _ in outputs], outputs)))
-    return [(sum(lp) - sum(alone[p.output])) / max(len(lp), 1) for p, lp in zip(pairs, with_instruction)]
 
 
 def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreNext | None,

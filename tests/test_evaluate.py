@@ -99,7 +99,7 @@ def test_rater_auc_known_values(tmp_path: Path) -> None:
     summary, rows = evaluate_rater(PAIRS, stub_rater("5", "1"), stub_score_next, out, k_shot=0)
     assert summary["auc"] == 1.0 and summary["auc_expected"] == 1.0
     assert (summary["n_real"], summary["n_mismatched"]) == (6, 6)
-    assert summary["valid_score_rate"] == 1.0 and summary["methods"] == {"text": 12, "logprob": 0, "none": 0}
+    assert summary["valid_score_rate"] == 1.0 and summary["methods"] == {"text": 12, "logprob": 0, "likelihood": 0, "none": 0}
     assert summary["histogram_real"][5] == 6 and summary["histogram_mismatched"][1] == 6
     assert (summary["mean_real"], summary["mean_mismatched"]) == (5.0, 1.0)
     # The file is rewritten with every row marked and given an expected score.
@@ -124,7 +124,7 @@ def test_rater_without_score_lines_uses_the_fallback(tmp_path: Path) -> None:
 def test_likelihood_auc_from_instruction_information(tmp_path: Path) -> None:
     """A model for which an answer is likely after its own question and unlikely after another:
     the likelihood AUC is 1.0 even though its rating text is useless (always "3")."""
-    from data.evaluation import instruction_information
+    from data.curate import instruction_information
     real = {p.output: p.instruction for p in PAIRS}
 
     def logprobs(prompts: list[str], continuations: list[str]) -> list[list[float]]:

@@ -108,6 +108,21 @@ def test_predict_writes_csv(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert rows[0]["id"] == "demo-test-01" and rows[0]["instruction"]
 
 
+def test_curate_by_likelihood(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"x{i}", "instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                             for i in range(5)))
+    out, curated = tmp_path / "rated.jsonl", tmp_path / "curated.jsonl"
+    assert curate.main(["--model", str(tiny), "--pairs", str(pairs), "--out", str(out), "--curated", str(curated),
+                        "--method", "likelihood", "--threshold", "1", "--batch-size", "2", "--device", "cpu",
+                        "--no-progress"]) == 0
+    rows = read_rated(out)
+    assert len(rows) == 5 and all(r["score_method"] == "likelihood" and 1 <= r["score"] <= 5 for r in rows)
+    assert all(isinstance(r["information"], float) for r in rows)
+    assert len(read_pairs(curated)) == 5
+    assert "from the likelihood: 5" in capsys.readouterr().out
+
+
 def test_predict_with_compile_merges_the_adapter_and_answers_the_same(tiny: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """--compile folds the LoRA update into the weights and decodes with the compiled step: in

@@ -73,7 +73,7 @@ def test_table_of_rater_outputs(tmp_path: Path) -> None:
                  batch_size=3, progress=False)
     rows = read_rated(out)
     assert [(r["score"], r["score_method"]) for r in rows] == [(s, m) for _, s, m in TABLE]
-    assert stats == dict(input=8, skipped_done=0, rated=8, text=4, logprob=4, none=0)
+    assert stats == dict(input=8, skipped_done=0, rated=8, text=4, logprob=4, likelihood=0, none=0)
     for row, (text, _, method) in zip(rows, TABLE):
         assert row["rater_output"] == text and row["k"] == 2
         assert {"id", "instruction", "output", "source"} <= set(row)
@@ -118,7 +118,7 @@ def test_select_histogram_extremes() -> None:
     text = render_histogram(histogram(rows), width=10)
     assert text.splitlines()[0] == "5 | ########## " + "    2  33.3%"
     assert text.splitlines()[-1].startswith("1 | #####")
-    assert method_counts(rows) == {"text": 4, "logprob": 2, "none": 1}
+    assert method_counts(rows) == {"text": 4, "logprob": 2, "likelihood": 0, "none": 1}
     top, bottom = extremes(rows, 3)
     assert [r["id"] for r in top] == ["r0", "r2", "r1"]  # r2's expected score 4.6 ranks it below a sure 5
     assert [r["id"] for r in bottom] == ["r3", "r6", "r4"]
@@ -136,6 +136,36 @@ def test_killed_rating_resumes(tmp_path: Path) -> None:
     rows = read_rated(out)
     assert [r["id"] for r in rows] == [f"p-{i}" for i in range(7)]
     assert [r["score"] for r in rows] == [1, 2, 3, 4, 5, 1, 2]
+
+
+def test_likelihood_rating_scores_by_information_and_resumes(tmp_path: Path) -> None:
+    """The likelihood method: score from the nats/token the instruction adds (bins 0/0.05/0.1/0.2),
+    appended batch by batch like the prompt method, ids already rated skipped."""
+    from data.curate import likelihood_score, rate_by_likelihood
+    assert [likelihood_score(x) for x in (-0.3, 0.0, 0.03, 0.07, 0.15, 0.2, 0.9)] == [1, 1, 2, 3, 4, 4, 5]
+    gain = {f"instruction {i}": g for i, g in enumerate([-0.2, 0.04, 0.08, 0.15, 0.5])}
+    calls = []
+
+    def logprobs(prompts: list[str], continuations: list[str]) -> list[list[float]]:
+        calls.append(len(prompts))
+        out = []
+        for prompt, c in zip(prompts, continuations):
+            hit = [g for q, g in gain.items() if q in prompt]
+            out.append([-1.0 + (hit[0] if hit else 0.0)] * len(c.split()))  # no instruction: -1 per token
+        return out
+    items = [Pair(f"p-{i}", f"instruction {i}", f"output number {i} here", "t") for i in range(5)]
+    out = tmp_path / "rated.jsonl"
+    stats = rate_by_likelihood(items[:2], logprobs, out, batch_size=2, progress=False)
+    assert stats["likelihood"] == 2 and stats["rated"] == 2
+    stats = rate_by_likelihood(items, logprobs, out, batch_size=2, progress=False)
+    assert stats["skipped_done"] == 2 and stats["rated"] == 3
+    rows = read_rated(out)
+    assert [r["score"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["information"] for r in rows] == pytest.approx([-0.2, 0.04, 0.08, 0.15, 0.5])
+    assert method_counts(rows) == {"text": 0, "logprob": 0, "likelihood": 5, "none": 0}
+    assert [p.id for p in select(rows, 4)] == ["p-3", "p-4"]
+    top, bottom = extremes(rows, 1)
+    assert top[0]["id"] == "p-4" and bottom[0]["id"] == "p-0"
 
 
 def test_pairs_without_instruction_are_refused(tmp_path: Path) -> None:
