@@ -250,7 +250,7 @@ def show_responses(csv_path: Path, n: int = 5) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pre = resolve_preset(args)
-    from data.pairs import DataError
+    from data.pairs import DataError, write_jsonl_atomic
     from data.stages import run_stage
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -280,12 +280,21 @@ def main(argv: list[str] | None = None) -> int:
         d, _ = run_stage(i_name, work, config, [str(x) for x in inputs], body, redo=redo)
         return d
 
+    def train(data: Path, d: Path, direction: str = "forward", tag: str = "seed", flags: list[str] = pre.train
+              ) -> list[str]:
+        """train.py into stage folder ``d``; returns the files the stage promises."""
+        call("train", mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
+                                "--seed", str(args.seed), "--resume"] + flags + quiet)
+        return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+
+    def evaluate(models: list[str], d: Path) -> None:
+        """evaluate.py on the held-out pairs, into stage folder ``d``."""
+        call("evaluate", mflags + models + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
+             + eval_flags + quiet)
+
     def train_stage(name: str, data: Path, direction: str, tag: str) -> Path:
         def body(d: Path) -> list[str]:
-            argv = mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
-                             "--seed", str(args.seed), "--resume"] + pre.train + quiet
-            call("train", argv)
-            return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+            return train(data, d, direction, tag)
         return stage(name, {"model": pre.model, "quantize": pre.quantize, "direction": direction, "tag": tag,
                             "train": pre.train, "seed": args.seed}, [data], body) / "adapter"
 
@@ -307,13 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         return stage(name, {"model": pre.model, "respond": pre.respond, "seed": args.seed}, [adapter, tests], body)
 
     try:
-        plan = []
         data_dir = stage("data", {"seed_data": pre.seed_data, "unlabelled": pre.unlabelled,
                                   "test_prompts": pre.test_prompts, "n_seed": pre.n_seed,
                                   "n_unlabelled": pre.n_unlabelled, "n_test": pre.n_test, "seed": args.seed},
                          [], lambda d: prepare_data(pre, args.seed, d))
         seed_file, texts, tests = data_dir / "seed.jsonl", data_dir / "unlabelled.jsonl", data_dir / "test_prompts.jsonl"
-        plan.append("data")
         if last >= 1:
             backward = train_stage("backward", seed_file, "backward", "none")
         if last >= 2:
@@ -338,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def fbody(d: Path, cdir=cdir) -> list[str]:
                 out = forward_training_set(pre, seed_file, cdir / "curated.jsonl", d / "data")
-                argv = mflags + ["--data", str(d / "data" / out[0]), "--direction", "forward", "--tag", "seed",
-                                 "--out", str(d), "--seed", str(args.seed), "--resume"] + pre.train + quiet
-                call("train", argv)
-                return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+                return train(d / "data" / out[0], d)
             fdir = stage(fname, {"model": pre.model, "quantize": pre.quantize, "forward_data": pre.forward_data,
                                  "train": pre.train, "seed": args.seed}, [seed_file, cdir / "curated.jsonl"], fbody)
             forward_adapters.append(fdir / "adapter")
@@ -350,17 +354,42 @@ def main(argv: list[str] | None = None) -> int:
                 respond_stage("respond" + suffix, fdir / "adapter", tests)
         if "evaluate" in stages and last >= stages.index("evaluate"):
             def eval_body(d: Path) -> list[str]:
-                argv = mflags + ["--backward", str(backward), "--rater", str(m0), "--forward", str(m0)]
-                for a in forward_adapters:
-                    argv += ["--forward", str(a)]
-                call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
-                     + eval_flags + quiet)
+                evaluate(["--backward", str(backward), "--rater", str(m0)]
+                         + [x for a in [m0, *forward_adapters] for x in ("--forward", str(a))], d)
                 return ["eval.json", "eval.md"]
             stage("evaluate", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed},
                   [backward, m0, *forward_adapters, *heldout_files(pre.heldout)], eval_body)
         if args.ablation and last >= stages.index("ablate-curated"):
-            ablation(pre, args, stage, mflags, quiet, last, stages, seed_file, augmented, curated_dirs[0], m0,
-                     eval_flags)
+            # The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models
+            # trained the same way on different pairs, each prompted with the seed tag line, compared on
+            # the held-out pairs, with M0 as the seed-only model (d). M0 is reused as the m0 stage
+            # trained it, so --ablation-train-args (e.g. more epochs for the small sets) do not apply to it.
+            ablation_train = pre.train + shlex.split(args.ablation_train_args)
+            curated = curated_dirs[0] / "curated.jsonl"
+            adapters = []
+            for which in ("curated", "random", "all"):
+                name = f"ablate-{which}"
+                if last < stages.index(name):
+                    break
+
+                def abody(d: Path, which=which, name=name) -> list[str]:
+                    rows = ablation_set(which, augmented, curated, args.seed)
+                    write_jsonl_atomic(d / "data" / "train.jsonl", rows)
+                    print(f"{name}: {len(rows)} training pairs")
+                    return train(d / "data" / "train.jsonl", d, flags=ablation_train)
+                adir = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which,
+                                    "train": ablation_train, "seed": args.seed}, [augmented, curated], abody)
+                adapters.append(adir / "adapter")
+            if last >= stages.index("ablation"):
+                adapters.append(m0)  # (d) seed only: M0 is exactly that model
+
+                def ablation_body(d: Path) -> list[str]:
+                    evaluate([x for a in adapters for x in ("--forward", str(a))], d)
+                    (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file))
+                    print((d / "ablation.md").read_text())
+                    return ["eval.json", "eval.md", "ablation.md"]
+                stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags,
+                                   "seed": args.seed}, [*adapters, *heldout_files(pre.heldout)], ablation_body)
         if args.push_to_hub and forward_adapters:
             push(args.push_to_hub, pre, work, forward_adapters, curated_dirs)
     except StageFailed as e:
@@ -391,49 +420,10 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
     return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
 
 
-def ablation(pre: Preset, args: argparse.Namespace, stage, mflags: list[str], quiet: list[str], last: int,
-             stages: list[str], seed_file: Path, augmented: Path, curate_dir: Path, m0: Path,
-             eval_flags: list[str]) -> None:
-    """The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models
-    trained the same way on different pairs, each prompted with the seed tag line, compared on the
-    held-out pairs by evaluate.py, with M0 as the seed-only model (d). M0 is reused as the m0 stage
-    trained it, so --ablation-train-args (e.g. more epochs for the small sets) do not apply to it."""
-    from data.pairs import write_jsonl_atomic
-    adapters = []
-    train = pre.train + shlex.split(args.ablation_train_args)
-    for which in ("curated", "random", "all"):
-        name = f"ablate-{which}"
-        if last < stages.index(name):
-            return
-
-        def body(d: Path, which=which) -> list[str]:
-            rows = ablation_set(which, augmented, curate_dir / "curated.jsonl", args.seed)
-            write_jsonl_atomic(d / "data" / "train.jsonl", rows)
-            print(f"{name}: {len(rows)} training pairs")
-            call("train", mflags + ["--data", str(d / "data" / "train.jsonl"), "--direction", "forward", "--tag",
-                                    "seed", "--out", str(d), "--seed", str(args.seed), "--resume"] + train + quiet)
-            return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
-        d = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which, "train": train,
-                         "seed": args.seed}, [augmented, curate_dir / "curated.jsonl"], body)
-        adapters.append(d / "adapter")
-    adapters.append(m0)  # (d) seed only: M0 is exactly that model
-    if last < stages.index("ablation"):
-        return
-
-    def eval_body(d: Path) -> list[str]:
-        argv = mflags + [x for a in adapters for x in ("--forward", str(a))]
-        call("evaluate", argv + ["--heldout", pre.heldout, "--out", str(d), "--seed", str(args.seed)]
-             + eval_flags + quiet)
-        (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file))
-        print((d / "ablation.md").read_text())
-        return ["eval.json", "eval.md", "ablation.md"]
-    stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed},
-          [*adapters, *heldout_files(pre.heldout)], eval_body)
-
-
 def heldout_files(spec: str) -> list[Path]:
     """The held-out spec's local file, if it is one, so that editing it re-runs the evaluations."""
-    path = Path(spec.split(":", 1)[1] if ":" in spec and not Path(spec).exists() else spec)
+    from data.readers import split_spec
+    path = Path(split_spec(spec)[1]).expanduser()
     return [path] if path.is_file() else []
 
 

@@ -45,6 +45,7 @@ def labels_for(ids, prompt_frac: float):
 
 def run_ours(args) -> dict:
     import torch
+    from data.batching import target_token_count
     from lora import inject_lora
     from lora.finetune import batch_loss_sum
     from model import load_model
@@ -57,7 +58,7 @@ def run_ours(args) -> dict:
     def step(ids):
         labels = labels_for(ids, args.prompt_frac)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-        loss = batch_loss_sum(model, model, batch, torch.device("cpu"), use_autocast=True) / (labels[:, 1:] != -100).sum()
+        loss = batch_loss_sum(model, model, batch, torch.device("cpu"), use_autocast=True) / target_token_count(labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -207,6 +207,11 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
                                            clean_rating(r["rater_output"])) for r in chunk]
             for row, digit_logprobs in zip(chunk, score_next(prompts), strict=True):
                 row["expected_score"] = round(verdict_from_logprobs(digit_logprobs)[2], 4)
+    if logprobs is not None:  # the prompt-free ranking, for every row
+        info = instruction_information(list(pairs) + fakes, logprobs, tag)
+        by_id = dict(zip([p.id for p in list(pairs) + fakes], info))
+        for row in rows:
+            row["instruction_information"] = round(by_id[row["id"]], 5)
     write_jsonl_atomic(out_path, rows)
 
     real = [r for r in rows if r["real"]]
@@ -218,21 +223,13 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     def expected(rs: list[dict[str, Any]]) -> list[float]:
         return [float(r["expected_score"]) for r in rs if r.get("expected_score") is not None]
 
-    auc_likelihood = None
-    if logprobs is not None:
-        info = instruction_information(list(pairs) + fakes, logprobs, tag)
-        by_id = dict(zip([p.id for p in list(pairs) + fakes], info))
-        for row in rows:
-            row["instruction_information"] = round(by_id[row["id"]], 5)
-        auc_likelihood = _safe_auc([by_id[r["id"]] for r in real], [by_id[r["id"]] for r in fake])
-        write_jsonl_atomic(out_path, rows)
-
     methods = method_counts(rows)
     summary = dict(
         n_real=len(real), n_mismatched=len(fake),
         auc=_safe_auc(scores(real), scores(fake)),
         auc_expected=_safe_auc(expected(real), expected(fake)) if score_next is not None else None,
-        auc_likelihood=auc_likelihood,
+        auc_likelihood=_safe_auc([by_id[r["id"]] for r in real], [by_id[r["id"]] for r in fake])
+        if logprobs is not None else None,
         valid_score_rate=methods["text"] / len(rows) if rows else 0.0, methods=methods,
         mean_real=_mean([float(r["score"]) for r in real if r.get("score") is not None]),
         mean_mismatched=_mean([float(r["score"]) for r in fake if r.get("score") is not None]),

@@ -76,13 +76,19 @@ def guess_kind(path: Path) -> str:
                     f"write it as 'kind:{path}' with kind one of {sorted(READERS)}")
 
 
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """``"kind:path_or_hub_id"`` as (kind, path_or_hub_id); a plain path as (None, path)."""
+    kind, sep, rest = spec.partition(":")
+    return (kind, rest) if sep and kind in READERS else (None, spec)
+
+
 def load_source(spec: str, **options: Any) -> tuple[list[Pair], dict[str, int]]:
     """Read ``spec`` (``"kind:path_or_hub_id"`` or a local path) with the matching reader.
 
     ``options`` go to the reader (e.g. ``min_chars=300`` for web, ``lang="de"`` for oasst1).
     """
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in READERS:
+    kind, rest = split_spec(spec)
+    if kind is not None:
         return READERS[kind](rest, **options)
     path = Path(spec).expanduser()
     if path.is_dir():

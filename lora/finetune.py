@@ -91,7 +91,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def autocast_context(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); otherwise off."""
-    if enabled and device.type in ("cuda", "cpu") and native_bf16(device):
+    if enabled and native_bf16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
