@@ -124,3 +124,29 @@ def test_push_offline_keeps_a_complete_upload_folder_and_fails_in_one_line(tiny,
     ds = work / "hub/curated"
     assert (ds / "README.md").exists() and (ds / "data/train.jsonl").exists()
     assert "Score histogram" in (ds / "README.md").read_text()
+
+
+def test_stage_flags_that_cannot_work_fail_in_one_line(tiny, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--ablation", "--heldout", "none"] + FAST) == 2
+    assert "--ablation compares models on held-out pairs" in capsys.readouterr().err
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--heldout", "none", "--until", "evaluate"]
+                         + FAST) == 2
+    err = capsys.readouterr().err
+    assert "--until evaluate: this run has no such stage" in err and len(err.strip().splitlines()) == 1
+
+
+def test_heldout_files_are_hashed_only_when_local(tmp_path):
+    local = tmp_path / "heldout.jsonl"
+    local.write_text('{"id": "a", "instruction": "q", "output": "a"}\n')
+    assert pipeline.heldout_files(str(local)) == [local]
+    assert pipeline.heldout_files(f"pairs:{local}") == [local]
+    assert pipeline.heldout_files("guanaco:timdettmers/openassistant-guanaco/x.jsonl") == []
+
+
+def test_ablation_with_an_empty_curated_set_names_the_file(tmp_path):
+    from data.pairs import DataError
+    empty = tmp_path / "curated.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"curated\.jsonl: the curated set is empty"):
+        pipeline.ablation_set("random", tmp_path / "augmented.jsonl", empty, seed=0)
