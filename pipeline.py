@@ -12,7 +12,7 @@ Backtranslation", arXiv:2308.06259), as a chain of the project's own commands.
 Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished stages, and
 --from STAGE redoes that stage and everything after it):
 
-  data       seed pairs, unlabelled texts (a seeded sample of --n-unlabelled), held-out prompts
+  data       seed pairs, unlabelled texts (a seeded sample of --n-unlabelled from each source), held-out prompts
   backward   LoRA backward model p(instruction | output) on the seed pairs        (train.py)
   m0         seed model M0: forward model on the seed pairs, tag "seed"           (train.py)
   augment    self-augmentation: the backward model writes an instruction per text (generate.py)
@@ -51,11 +51,11 @@ DEMO = ROOT / "data" / "demo"
 class Preset:
     model: str
     seed_data: str
-    unlabelled: str
+    unlabelled: list[str]               # one or more sources of texts, e.g. LIMA answers + web pages
     test_prompts: str
     quantize: str | None = None
     n_seed: int | None = None           # sample of the seed pairs (paper: 3,200 oasst1 pairs)
-    n_unlabelled: int | None = None     # texts to backtranslate (assignment: 150 LIMA completions)
+    n_unlabelled: int | None = None     # texts to backtranslate per source (assignment: 150 LIMA completions)
     n_test: int = 10                    # held-out prompts answered in "respond"
     iterations: int = 1                 # paper: 2 (M0 -> M1 -> M2)
     forward_data: str = "seed+curated"  # "curated" for the assignment's step 4
@@ -74,7 +74,7 @@ GUANACO_EVAL = "guanaco:timdettmers/openassistant-guanaco/openassistant_best_rep
 PRESETS = {
     # SmolLM2-135M-Instruct and the demo set committed in data/demo: the whole method on a laptop CPU.
     "demo": Preset(model="smollm2-135m-instruct", seed_data=str(DEMO / "seed.jsonl"),
-                   unlabelled=str(DEMO / "unlabelled.jsonl"), test_prompts=str(DEMO / "test_prompts.jsonl"),
+                   unlabelled=[str(DEMO / "unlabelled.jsonl")], test_prompts=str(DEMO / "test_prompts.jsonl"),
                    n_test=5, threshold=4, k_shot=2,
                    train=["--epochs", "3", "--batch-size", "4", "--max-len", "384", "--lr", "5e-4",
                           "--eval-frac", "0.1", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "3"],
@@ -87,7 +87,7 @@ PRESETS = {
     # The course assignment: Llama-2-7B in NF4 on one Colab-class GPU.
     "assignment": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4",
                          seed_data="guanaco:timdettmers/openassistant-guanaco",
-                         unlabelled="lima:GAIR/lima", test_prompts="lima-prompts:GAIR/lima/test.jsonl",
+                         unlabelled=["lima:GAIR/lima"], test_prompts="lima-prompts:GAIR/lima/test.jsonl",
                          n_unlabelled=150, forward_data="curated",
                          train=["--epochs", "1", "--batch-size", "4", "--grad-accum", "4", "--max-len", "1024",
                                 "--gradient-checkpointing", "--save-every", "100", "--eval-every", "100"],
@@ -97,7 +97,7 @@ PRESETS = {
                          heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"]),
     # The paper's recipe at the scale one GPU allows: 3,200 oasst1 seed pairs, a web corpus, two iterations.
     "paper": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4", seed_data="oasst1:OpenAssistant/oasst1",
-                    unlabelled="web:allenai/c4/en/c4-train.00000-of-01024.json.gz",
+                    unlabelled=["web:allenai/c4/en/c4-train.00000-of-01024.json.gz"],
                     test_prompts="lima-prompts:GAIR/lima/test.jsonl", n_seed=3200, n_unlabelled=5000,
                     iterations=2, train=["--epochs", "2", "--batch-size", "4", "--grad-accum", "8",
                                          "--max-len", "2048", "--gradient-checkpointing", "--qlora",
@@ -125,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=["nf4", "none"], help="4-bit NF4 base or none")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g.add_argument("--seed-data", help="seed pairs: any data.readers spec (guanaco:..., oasst1:..., a JSONL)")
-    g.add_argument("--unlabelled", help="texts to backtranslate: any spec (lima:..., web:..., a JSONL)")
+    g.add_argument("--unlabelled", nargs="+", metavar="SPEC",
+                   help="texts to backtranslate: one or more specs (lima:..., web:..., a JSONL); several are "
+                        "pooled, e.g. curated answers + raw web pages, to see which ones curation keeps")
     g.add_argument("--test-prompts", help="held-out prompts for 'respond' (lima-prompts:..., a JSONL)")
     g.add_argument("--n-seed", type=int, help="sample this many seed pairs")
-    g.add_argument("--n-unlabelled", type=int, help="sample this many unlabelled texts")
+    g.add_argument("--n-unlabelled", type=int, help="sample this many unlabelled texts from each source")
     g.add_argument("--threshold", type=int, choices=range(1, 6), help="keep pairs rated >= this (paper: 5)")
     g.add_argument("--k-shot", type=int, choices=range(0, 6), help="few-shot examples in the rating prompt")
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
@@ -203,12 +205,13 @@ def prepare_data(pre: Preset, seed: int, stage_dir: Path) -> list[str]:
     seed_pairs = [p for p in seed_pairs if p.instruction.strip() and p.output.strip()]
     if pre.n_seed:
         seed_pairs = sample(seed_pairs, pre.n_seed, seed)
-    texts, stats = load_source(pre.unlabelled)
-    print(format_stats(pre.unlabelled, stats))
-    unlabelled = [dc_replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
-                  for p, u in zip(texts, as_unlabelled(texts)) if p.output.strip()]
-    if pre.n_unlabelled:
-        unlabelled = sample(unlabelled, pre.n_unlabelled, seed)
+    unlabelled = []
+    for spec in pre.unlabelled:  # each source sampled on its own, so a big one cannot crowd out a small one
+        texts, stats = load_source(spec)
+        print(format_stats(spec, stats))
+        texts = [dc_replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
+                 for p, u in zip(texts, as_unlabelled(texts)) if p.output.strip()]
+        unlabelled += sample(texts, pre.n_unlabelled, seed) if pre.n_unlabelled else texts
     tests, stats = load_source(pre.test_prompts)
     print(format_stats(pre.test_prompts, stats))
     tests = [p for p in tests if p.instruction.strip()][:pre.n_test]
@@ -457,15 +460,15 @@ def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dir
     for i, adapter in enumerate(adapters, start=1):
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         info = dict(base_model=pre.model, direction="forward", tag=cfg.get("tag", "seed"),
-                    data=f"{pre.seed_data} + curated {pre.unlabelled}", precision=pre.quantize or "bf16")
+                    data=f"{pre.seed_data} + curated {' + '.join(pre.unlabelled)}", precision=pre.quantize or "bf16")
         try:
             publish_adapter(adapter, f"{prefix}-m{i}", info, work / "hub" / f"m{i}")
         except PushError as e:
             errors.append(str(e))
     cdir = curated_dirs[-1]
     rows = read_rated(cdir / "rated.jsonl")
-    info = dict(unlabelled=pre.unlabelled, backward_model=f"{pre.model} + backward LoRA", rater="seed model M0",
-                threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
+    info = dict(unlabelled=" + ".join(pre.unlabelled), backward_model=f"{pre.model} + backward LoRA",
+                rater="seed model M0", threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
                 kept=sum(1 for _ in open(cdir / "curated.jsonl")))
     try:
         publish_dataset(cdir / "curated.jsonl", f"{prefix}-curated", info, work / "hub" / "curated")
