@@ -277,7 +277,9 @@ def evaluate_forward_models(model: Any, tok: Any, adapters: Sequence[str], pairs
                 fns = ModelFns(model, tok, args)
                 nll = reference_nll(pairs, fns.logprobs, tag)
                 answers = answer(pairs, fns.completer(args.answer_tokens, FORWARD_STOPS), tag)
-            done[(path, tag)] = dict(nll=nll, answers=answers, time_s=round(time.perf_counter() - t0, 1))
+            per_pair = nll.pop("per_pair")  # to the per-pair files, not the table
+            done[(path, tag)] = dict(nll=nll, per_pair=per_pair, answers=answers,
+                                     time_s=round(time.perf_counter() - t0, 1))
         return done[(path, tag)]
 
     for a, tag in zip(adapters, tags):
@@ -291,8 +293,9 @@ def evaluate_forward_models(model: Any, tok: Any, adapters: Sequence[str], pairs
         rows.append(dict(model=labels[0], adapter=None, tag=tag or "none", n=len(pairs), **base["nll"],
                          time_s=base["time_s"]))
         write_rows(out / f"forward_{labels[0]}{'' if len(set(tags)) == 1 else '_' + (tag or 'none')}.jsonl",
-                   [dict(id=p.id, instruction=p.instruction, reference=p.output, answer=ans)
-                    for p, ans in zip(pairs, base["answers"])])
+                   [dict(id=p.id, instruction=p.instruction, reference=p.output, reference_nll_sum=s,
+                         reference_tokens=t, answer=ans)
+                    for p, (s, t), ans in zip(pairs, base["per_pair"], base["answers"])])
     questions = [p.instruction for p in pairs]
     for label, a, tag in zip(labels[1:], adapters, tags):
         res, base = done[(a, tag)], done[(None, tag)]
@@ -305,9 +308,10 @@ def evaluate_forward_models(model: Any, tok: Any, adapters: Sequence[str], pairs
             row.update(pref, judge_time_s=round(time.perf_counter() - t0, 1))
         rows.append(row)
         write_rows(out / f"forward_{label}.jsonl",
-                   [dict(id=p.id, instruction=p.instruction, reference=p.output, answer=ans, base_answer=b,
+                   [dict(id=p.id, instruction=p.instruction, reference=p.output, reference_nll_sum=s,
+                         reference_tokens=t, answer=ans, base_answer=b,
                          **{k: v for k, v in item.items() if k != "question"})
-                    for p, ans, b, item in zip(pairs, res["answers"], base["answers"], items)])
+                    for p, (s, t), ans, b, item in zip(pairs, res["per_pair"], res["answers"], base["answers"], items)])
         pref_text = (f", vs base: {row['wins']} wins / {row['losses']} losses / {row['ties']} ties"
                      if judge is not None else "")
         print(f"forward [{label}]: NLL/token {row['nll']:.3f} (base {base['nll']['nll']:.3f}){pref_text}")

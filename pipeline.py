@@ -431,25 +431,49 @@ def heldout_files(spec: str) -> list[Path]:
 
 
 def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> str:
-    """ablation.md: one row per training set, with its size, from evaluate.py's eval.json."""
+    """ablation.md: one row per training set (its size and where its texts came from) from
+    evaluate.py's eval.json, and whether curated beat random by more than the held-out sample's noise."""
+    from collections import Counter
+
     from data.evaluation import markdown_table
+    from data.metrics import paired_nll_gap
+    from data.pairs import iter_jsonl, read_pairs
     report = json.loads(eval_json.read_text())
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
-    sizes = {"base": 0}
+    sizes, sources = {"base": 0}, {}
     for a in adapters:
         label = Path(a).parent.name
         data = Path(a).parent / "data" / "train.jsonl"
-        sizes[label] = sum(1 for _ in open(data if data.exists() else seed_file))
-    rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"))
-            for row in report["forward"]]
-    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("nll", "held-out NLL/token", ".3f"),
-               ("wins", "wins", ""), ("losses", "losses", ""), ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
+        rows = read_pairs(data if data.exists() else seed_file)
+        sizes[label] = len(rows)
+        sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in rows).most_common())
+    rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
+                 sources=sources.get(row["model"], "-")) for row in report["forward"]]
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("sources", "texts from", ""),
+               ("nll", "held-out NLL/token", ".3f"), ("wins", "wins", ""), ("losses", "losses", ""),
+               ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
     h = report["heldout"]
-    return ("# Quality vs quantity\n\n" + markdown_table(rows, columns) + "\n\n"
-            f"Held-out: {h['n']} pairs from `{h['spec']}`. NLL/token of the human answers (lower is better); wins/"
-            f"losses/ties against the base model's answers, judged in both orders by {report['settings']['judge']}.\n")
+    judge = report["settings"].get("judge")
+    text = ("# Quality vs quantity\n\n" + markdown_table(rows, columns) + "\n\n"
+            f"Held-out: {h['n']} pairs from `{h['spec']}`. NLL/token of the human answers (lower is better)"
+            + (f"; wins/losses/ties against the base model's answers, judged in both orders by {judge}.\n"
+               if judge and judge != "none" else ".\n"))
+    per_pair = {}
+    for label in ("ablate-curated", "ablate-random"):
+        f = eval_json.parent / f"forward_{label}.jsonl"
+        if f.exists():
+            per_pair[label] = [(r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
+                               if "reference_nll_sum" in r]
+    if len(per_pair) == 2 and all(per_pair.values()):
+        g = paired_nll_gap(per_pair["ablate-curated"], per_pair["ablate-random"])
+        verdict = ("curated is better" if g["high"] < 0 else "random is better" if g["low"] > 0
+                   else "no difference the sample can support")
+        text += (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} (95% bootstrap interval over held-out "
+                 f"answers [{g['low']:+.4f}, {g['high']:+.4f}]; (a) lower on {g['a_better']} of {g['n']}): "
+                 f"{verdict}.\n")
+    return text
 
 
 def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:

@@ -250,13 +250,15 @@ def reference_nll(pairs: Sequence[Pair], logprobs: LogProbs, tag: Tag | None = N
     Note that NLL rewards hedging over the reference's wording, not helpfulness: read it
     together with the judged preference.
 
-    Returns ``nll`` (nats per token), ``perplexity`` and ``tokens`` (how many were scored).
+    Returns ``nll`` (nats per token), ``perplexity``, ``tokens`` (how many were scored) and
+    ``per_pair``: ``(summed -log p, tokens)`` of each answer, for :func:`data.metrics.paired_nll_gap`.
     """
     rows = logprobs([forward_prompt(p.instruction, tag) for p in pairs], [p.output for p in pairs])
     if len(rows) != len(pairs):
         raise ValueError(f"logprobs() returned {len(rows)} rows for {len(pairs)} pairs")
     nll, tokens = nll_per_token(rows)
-    return dict(nll=nll, perplexity=math.exp(min(nll, 700.0)), tokens=tokens)
+    per_pair = [(-sum(float(x) for x in row), len(row)) for row in rows]
+    return dict(nll=nll, perplexity=math.exp(min(nll, 700.0)), tokens=tokens, per_pair=per_pair)
 
 
 def answer(pairs: Sequence[Pair], complete: Complete, tag: Tag | None = None) -> list[str]:

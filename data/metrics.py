@@ -12,6 +12,8 @@ metric                  answers the question                            range
                         mismatched ones?
 :func:`nll_per_token`   how surprised is the model by the reference     0..inf nats, lower is
                         answers, per token?                             better
+:func:`paired_nll_gap`  is model A's NLL really below model B's on the  a difference with a
+                        same answers, or is the gap noise?              95% bootstrap interval
 :func:`preference_rate` how often does a judge prefer model X's answer  counts and rates
                         to the baseline's, in both orders?
 ======================  ==============================================  ======================
@@ -24,6 +26,7 @@ without stemming) on ASCII text; see :func:`rouge_tokens` for the one deliberate
 from __future__ import annotations
 
 import math
+import random
 import re
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -207,6 +210,36 @@ def nll_per_token(token_logprobs: Iterable[Sequence[float]]) -> tuple[float, int
     if count == 0:
         raise ValueError("no tokens to score")
     return total / count, count
+
+
+def paired_nll_gap(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], resamples: int = 2000,
+                   seed: int = 0) -> dict[str, float | int]:
+    """How much lower model A's NLL per token is than model B's on the same references, and
+    whether that could be luck of which references were drawn.
+
+    ``a[i]`` and ``b[i]`` are ``(summed -log p, tokens)`` of reference ``i`` under each model (the
+    same tokens, so the counts must agree). ``gap`` is NLL(A) - NLL(B), token-weighted as in
+    :func:`nll_per_token`: negative means A fits the references better. Because both models see
+    the same references, the gap is far less noisy than either NLL; ``low``/``high`` bound it by a
+    percentile bootstrap over references (resample them with replacement, recompute the gap, keep
+    the 2.5th and 97.5th percentiles). An interval that excludes 0 is a gap the sample supports.
+    ``a_better`` counts the references on which A's own NLL is the lower one.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same non-zero number of references for both models, got {len(a)} and {len(b)}")
+    for i, ((_, ta), (_, tb)) in enumerate(zip(a, b)):
+        if ta != tb:
+            raise ValueError(f"reference {i}: {ta} tokens under A but {tb} under B; score the same tokenization")
+
+    def gap(idx: Sequence[int]) -> float:
+        tokens = sum(a[i][1] for i in idx)
+        return (sum(a[i][0] for i in idx) - sum(b[i][0] for i in idx)) / max(tokens, 1)
+
+    rng = random.Random(seed)
+    n = len(a)
+    boots = sorted(gap([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    return dict(gap=gap(range(n)), low=boots[int(0.025 * (resamples - 1))], high=boots[int(0.975 * (resamples - 1))],
+                a_better=sum(x[0] < y[0] for x, y in zip(a, b)), n=n)
 
 
 # --------------------------------------------------------------------- pairwise judging

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from data.metrics import (auc, bleu, clipped_matches, combine_orders, lcs_length, mean_rouge_l, nll_per_token,
-                          parse_verdict, preference_rate, rouge_l, rouge_tokens, tokenize_13a)
+                          paired_nll_gap, parse_verdict, preference_rate, rouge_l, rouge_tokens, tokenize_13a)
 
 # ------------------------------------------------------------------------------------ BLEU
 
@@ -147,6 +147,29 @@ def test_nll_per_token() -> None:
     assert nll_per_token([[-1.0], [-3.0, -3.0, -3.0]])[0] == pytest.approx(2.5)  # token-weighted, not 2.0
     with pytest.raises(ValueError, match="no tokens"):
         nll_per_token([[], []])
+
+
+def test_paired_nll_gap_known_cases() -> None:
+    same = [(2.0, 1), (9.0, 3), (4.0, 2)]
+    g = paired_nll_gap(same, same)
+    assert (g["gap"], g["low"], g["high"], g["a_better"]) == (0.0, 0.0, 0.0, 0)
+    # A is 0.5 nats/token better on every reference: the gap is exact and its interval excludes 0.
+    better = [(s - 0.5 * t, t) for s, t in same]
+    g = paired_nll_gap(better, same)
+    assert g["gap"] == pytest.approx(-0.5) and g["high"] < 0 and g["a_better"] == 3 and g["n"] == 3
+    # Better on half the references, worse on the other half: the interval straddles 0.
+    mixed_a = [(1.0, 1), (3.0, 1)] * 10
+    mixed_b = [(3.0, 1), (1.0, 1)] * 10
+    g = paired_nll_gap(mixed_a, mixed_b)
+    assert g["gap"] == 0.0 and g["low"] < 0 < g["high"] and g["a_better"] == 10
+    # Token-weighted like nll_per_token: the gap equals the difference of the two NLLs.
+    a, b = [(1.0, 1), (12.0, 4)], [(2.0, 1), (10.0, 4)]
+    assert paired_nll_gap(a, b)["gap"] == pytest.approx(nll_per_token([[-1.0], [-3.0] * 4])[0]
+                                                        - nll_per_token([[-2.0], [-2.5] * 4])[0])
+    with pytest.raises(ValueError, match="tokens under A"):
+        paired_nll_gap([(1.0, 2)], [(1.0, 3)])
+    with pytest.raises(ValueError, match="same non-zero number"):
+        paired_nll_gap([(1.0, 2)], [])
 
 
 # --------------------------------------------------------------------- pairwise judging

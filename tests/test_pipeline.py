@@ -19,6 +19,7 @@ from tests.tiny import make_tiny
 FAST = ["--n-unlabelled", "8", "--train-args=--max-steps 2", "--augment-args=--batch-size 3 --max-new-tokens 12",
         "--curate-args=--max-new-tokens 8 --batch-size 4", "--no-progress",
         "--eval-args=--n 4 --instruction-tokens 6 --rating-tokens 6 --answer-tokens 6 --no-plots"]
+DEMO_TEXTS, DEMO_SEED = str(pipeline.DEMO / "unlabelled.jsonl"), str(pipeline.DEMO / "seed.jsonl")
 STAGES = {"data", "backward", "m0", "augment", "curate", "forward", "respond", "evaluate"}
 
 
@@ -82,6 +83,20 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", "ablate-random", "ablate-all", "m0"]
     table = (work / "ablation/ablation.md").read_text()
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
+    assert "texts from" in table and "demo" in table  # each set's sources are counted
+    assert "(a) - (b), the paper's claim: NLL/token" in table  # the paired comparison, from per-answer NLLs
+    rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
+    assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
+
+
+def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path):
+    work = tmp_path / "run"
+    argv = ["--workdir", str(work), "--model", tiny, "--until", "data", "--unlabelled", DEMO_TEXTS, DEMO_SEED] + FAST
+    assert pipeline.main(argv) == 0
+    rows = read_jsonl(work / "data/unlabelled.jsonl")
+    assert len(rows) == 16 and [r["instruction"] for r in rows] == [""] * 16  # 8 (--n-unlabelled) from each
+    assert len({r["id"] for r in rows}) == 16
+    assert json.loads((work / "preset.json").read_text())["unlabelled"] == [DEMO_TEXTS, DEMO_SEED]
 
 
 def test_killed_augmentation_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypatch):
