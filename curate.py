@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
     """Histogram, how the scores were obtained, and the extremes, to judge the rater by eye."""
+    from collections import Counter
+
     from data.curate import extremes, histogram, method_counts, render_histogram
     total = len(rows)
     methods = method_counts(rows)
@@ -86,6 +88,11 @@ def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
             print(f"- score {row['score']} ({row['score_method']}) [{row['id']}] {short(row['instruction'], 90)}\n"
                   f"  output: {short(row['output'], 90)}")
     print(f"\n{n_curated} pairs scored >= {threshold} selected")
+    sources = Counter(row.get("source") or "?" for row in rows)
+    if len(sources) > 1:  # a pooled input (e.g. LIMA answers + web pages): which pool does the rater keep?
+        kept = Counter(row.get("source") or "?" for row in rows if (row.get("score") or 0) >= threshold)
+        print("kept by source: " + ", ".join(f"{s} {kept[s]}/{n} ({100 * kept[s] / n:.0f}%)"
+                                             for s, n in sources.most_common()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -442,16 +442,21 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
-    sizes, sources = {"base": 0}, {}
+    sizes, words, sources = {"base": 0}, {}, {}
     for a in adapters:
         label = Path(a).parent.name
         data = Path(a).parent / "data" / "train.jsonl"
         rows = read_pairs(data if data.exists() else seed_file)
         sizes[label] = len(rows)
+        # Same size in pairs is not the same amount of text: a rater that prefers short answers
+        # trains on fewer tokens, so the words are counted too.
+        words[label] = sum(len(p.output.split()) for p in rows)
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in rows).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
-                 sources=sources.get(row["model"], "-")) for row in report["forward"]]
-    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("sources", "texts from", ""),
+                 words=words.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
+            for row in report["forward"]]
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("words", "answer words", ""),
+               ("sources", "texts from", ""),
                ("nll", "held-out NLL/token", ".3f"), ("wins", "wins", ""), ("losses", "losses", ""),
                ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
     h = report["heldout"]
