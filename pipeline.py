@@ -380,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
                     return train(d / "data" / "train.jsonl", d, flags=ablation_train)
+                # (c) does not depend on curation: changing the rater must not retrain it
+                inputs = [augmented] if which == "all" else [augmented, curated]
                 adir = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which,
-                                    "train": ablation_train, "seed": args.seed}, [augmented, curated], abody)
+                                    "train": ablation_train, "seed": args.seed}, inputs, abody)
                 adapters.append(adir / "adapter")
             if last >= stages.index("ablation"):
                 adapters.append(m0)  # (d) seed only: M0 is exactly that model

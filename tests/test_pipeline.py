@@ -88,6 +88,16 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
     assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
 
+    # A different curated set (as another rater would give) retrains (a) and (b), never (c).
+    before = manifests(work)
+    lines = (work / "curate/curated.jsonl").read_text().splitlines(keepends=True)
+    (work / "curate/curated.jsonl").write_text("".join(lines[:-1]))
+    assert pipeline.main(argv) == 0
+    after = manifests(work)
+    assert after["ablate-all"] == before["ablate-all"] and after["curate"] == before["curate"]
+    assert after["ablate-curated"] != before["ablate-curated"] and after["ablate-random"] != before["ablate-random"]
+    assert len(read_jsonl(work / "ablate-random/data/train.jsonl")) == len(lines) - 1
+
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path):
     work = tmp_path / "run"
