@@ -444,20 +444,21 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
-    sizes, words, sources = {"base": 0}, {}, {}
+    sizes, tokens, sources = {"base": 0}, {}, {}
     for a in adapters:
         label = Path(a).parent.name
         data = Path(a).parent / "data" / "train.jsonl"
         rows = read_pairs(data if data.exists() else seed_file)
         sizes[label] = len(rows)
-        # Same size in pairs is not the same amount of text: a rater that prefers short answers
-        # trains on fewer tokens, so the words are counted too.
-        words[label] = sum(len(p.output.split()) for p in rows)
+        # Same size in pairs is not the same amount of training: a rater that prefers short answers
+        # gives fewer answer tokens (train.py records them, per epoch, after truncation to --max-len).
+        cfg = Path(a).parent / "train_config.json"
+        tokens[label] = json.loads(cfg.read_text()).get("target_tokens", "-") if cfg.exists() else "-"
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in rows).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
-                 words=words.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
+                 tokens=tokens.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
             for row in report["forward"]]
-    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("words", "answer words", ""),
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("tokens", "answer tokens / epoch", ""),
                ("sources", "texts from", ""),
                ("nll", "held-out NLL/token", ".3f"), ("wins", "wins", ""), ("losses", "losses", ""),
                ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]

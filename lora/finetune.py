@@ -236,8 +236,10 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     net = distributed.wrap_ddp(model)  # the model itself when alone
     ranks = {"world_size": world, "global_batch": cfg.batch_size * accum} if world > 1 else {}
     if main:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"total_steps": total_steps} | ranks,
-                                                          indent=2, default=list))
+        # How much text one epoch trains on, after truncation to max_len: "the same number of pairs"
+        # is not the same amount of training when one set's answers are shorter.
+        seen = {"total_steps": total_steps, "examples": len(examples), "target_tokens": int(sum(n_target))}
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg) | seen | ranks, indent=2, default=list))
     print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
           f"trainable%: {100 * report['trainable'] / report['total']:.4f}")
     print(f"{len(examples)} training examples ({n_trunc} truncated to {cfg.max_len} tokens), "

@@ -83,8 +83,10 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", "ablate-random", "ablate-all", "m0"]
     table = (work / "ablation/ablation.md").read_text()
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
-    assert "texts from" in table and "demo" in table and "answer words" in table  # what each set holds
+    assert "texts from" in table and "demo" in table and "answer tokens / epoch" in table  # what each set holds
     assert "(a) - (b), the paper's claim: NLL/token" in table  # the paired comparison, from per-answer NLLs
+    tokens = json.loads((work / "ablate-all/train_config.json").read_text())["target_tokens"]
+    assert f"| {len(augmented)} | {tokens} |" in table  # (c): its pairs, then its answer tokens per epoch
     rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
     assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
 

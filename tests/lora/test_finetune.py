@@ -92,6 +92,11 @@ def test_eval_every_zero_evaluates_once_at_the_end(tiny_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [3]
     assert summary["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-6)
+    # train_config.json records how many answer tokens one epoch trains on, after truncation
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    want = sum(int((collate([tokenize_pair(tok, p, t, 64)], tok.pad_id)["labels"] != IGNORE_INDEX).sum())
+               for p, t in examples())
+    assert saved["examples"] == len(PAIRS) and saved["target_tokens"] == want > 0
 
 
 def comparable_log(path):
