@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
+def print_report(rows: list[dict], threshold: int, curated: list) -> None:
     """Histogram, how the scores were obtained, and the extremes, to judge the rater by eye."""
     from collections import Counter
 
@@ -87,10 +87,10 @@ def print_report(rows: list[dict], threshold: int, n_curated: int) -> None:
         for row in chosen:
             print(f"- score {row['score']} ({row['score_method']}) [{row['id']}] {short(row['instruction'], 90)}\n"
                   f"  output: {short(row['output'], 90)}")
-    print(f"\n{n_curated} pairs scored >= {threshold} selected")
+    print(f"\n{len(curated)} pairs scored >= {threshold} selected")
     sources = Counter(row.get("source") or "?" for row in rows)
     if len(sources) > 1:  # a pooled input (e.g. LIMA answers + web pages): which pool does the rater keep?
-        kept = Counter(row.get("source") or "?" for row in rows if (row.get("score") or 0) >= threshold)
+        kept = Counter(p.source or "?" for p in curated)  # exactly what select() kept
         print("kept by source: " + ", ".join(f"{s} {kept[s]}/{n} ({100 * kept[s] / n:.0f}%)"
                                              for s, n in sources.most_common()))
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [row for row in read_rated(args.out) if row["id"] in ours] if have else []
         curated = select(rows, args.threshold)
         write_jsonl_atomic(args.curated, curated)
-        print_report(rows, args.threshold, len(curated))
+        print_report(rows, args.threshold, curated)
         print(f"curated pairs written to {args.curated}")
         if args.push_to_hub:
             from data.curate import histogram

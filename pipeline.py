@@ -212,6 +212,12 @@ def prepare_data(pre: Preset, seed: int, stage_dir: Path) -> list[str]:
         texts = [dc_replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
                  for p, u in zip(texts, as_unlabelled(texts)) if p.output.strip()]
         unlabelled += sample(texts, pre.n_unlabelled, seed) if pre.n_unlabelled else texts
+    seen: dict[str, str] = {}
+    for u in unlabelled:  # augmentation resumes by id: two sources sharing ids would lose rows
+        if u.id in seen:
+            raise DataError(f"unlabelled text id {u.id!r} comes twice (from {seen[u.id]!r} and {u.source!r}): "
+                            f"give each source once, or sources whose rows have distinct ids")
+        seen[u.id] = u.source
     tests, stats = load_source(pre.test_prompts)
     print(format_stats(pre.test_prompts, stats))
     tests = [p for p in tests if p.instruction.strip()][:pre.n_test]
@@ -413,15 +419,15 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
     from dataclasses import replace as dc_replace
 
     from data.pairs import DataError, read_pairs, sample
+    if which == "all":  # (c) does not depend on curation
+        return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in read_pairs(augmented)]
     kept = read_pairs(curated) if curated.stat().st_size else []
     if not kept:
         raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
     if which == "curated":
         rows = kept
-    elif which == "random":
-        rows = sample(read_pairs(augmented), len(kept), seed)
     else:
-        rows = read_pairs(augmented)
+        rows = sample(read_pairs(augmented), len(kept), seed)
     return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
 
 
@@ -451,14 +457,15 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
         rows = read_pairs(data if data.exists() else seed_file)
         sizes[label] = len(rows)
         # Same size in pairs is not the same amount of training: a rater that prefers short answers
-        # gives fewer answer tokens (train.py records them, per epoch, after truncation to --max-len).
+        # gives fewer answer tokens (train.py records them over its training split, i.e. after --eval-frac,
+        # truncated to --max-len, one EOS per pair).
         cfg = Path(a).parent / "train_config.json"
         tokens[label] = json.loads(cfg.read_text()).get("target_tokens", "-") if cfg.exists() else "-"
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in rows).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
                  tokens=tokens.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
             for row in report["forward"]]
-    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("tokens", "answer tokens / epoch", ""),
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("tokens", "answer tokens trained on", ""),
                ("sources", "texts from", ""),
                ("nll", "held-out NLL/token", ".3f"), ("wins", "wins", ""), ("losses", "losses", ""),
                ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
@@ -471,16 +478,22 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     per_pair = {}
     for label in ("ablate-curated", "ablate-random"):
         f = eval_json.parent / f"forward_{label}.jsonl"
-        if f.exists():
-            per_pair[label] = [(r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
-                               if "reference_nll_sum" in r]
+        if f.exists():  # joined on the held-out pair's id, not on row order
+            per_pair[label] = {r["id"]: (r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
+                               if "reference_nll_sum" in r}
     if len(per_pair) == 2 and all(per_pair.values()):
-        g = paired_nll_gap(per_pair["ablate-curated"], per_pair["ablate-random"])
-        verdict = ("curated is better" if g["high"] < 0 else "random is better" if g["low"] > 0
-                   else "no difference the sample can support")
-        text += (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} (95% bootstrap interval over held-out "
-                 f"answers [{g['low']:+.4f}, {g['high']:+.4f}]; (a) lower on {g['a_better']} of {g['n']}): "
-                 f"{verdict}.\n")
+        ids = [i for i in per_pair["ablate-curated"] if i in per_pair["ablate-random"]]
+        try:
+            g = paired_nll_gap([per_pair["ablate-curated"][i] for i in ids], [per_pair["ablate-random"][i] for i in ids])
+        except ValueError as e:  # the table above still stands without this line
+            return text + f"\n(a) - (b): not compared ({e}).\n"
+        verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
+                   else "no difference these answers can support")
+        # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
+        # training seed: another random sample of the same size can differ by as much.
+        text += (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} (95% bootstrap interval over the "
+                 f"{g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; (a) lower on {g['a_better']}): "
+                 f"{verdict}, for these two trained models (one random draw of (b), one training seed).\n")
     return text
 
 

@@ -225,11 +225,16 @@ def paired_nll_gap(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]
     the 2.5th and 97.5th percentiles). An interval that excludes 0 is a gap the sample supports.
     ``a_better`` counts the references on which A's own NLL is the lower one.
     """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
     if len(a) != len(b) or not a:
         raise ValueError(f"need the same non-zero number of references for both models, got {len(a)} and {len(b)}")
     for i, ((_, ta), (_, tb)) in enumerate(zip(a, b)):
         if ta != tb:
             raise ValueError(f"reference {i}: {ta} tokens under A but {tb} under B; score the same tokenization")
+
+    if not any(t for _, t in a):
+        raise ValueError("no tokens to score")
 
     def gap(idx: Sequence[int]) -> float:
         tokens = sum(a[i][1] for i in idx)

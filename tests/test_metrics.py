@@ -170,6 +170,10 @@ def test_paired_nll_gap_known_cases() -> None:
         paired_nll_gap([(1.0, 2)], [(1.0, 3)])
     with pytest.raises(ValueError, match="same non-zero number"):
         paired_nll_gap([(1.0, 2)], [])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_nll_gap(same, same, resamples=0)
+    with pytest.raises(ValueError, match="no tokens"):
+        paired_nll_gap([(0.0, 0)], [(0.0, 0)])
 
 
 # --------------------------------------------------------------------- pairwise judging

@@ -83,7 +83,7 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", "ablate-random", "ablate-all", "m0"]
     table = (work / "ablation/ablation.md").read_text()
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
-    assert "texts from" in table and "demo" in table and "answer tokens / epoch" in table  # what each set holds
+    assert "texts from" in table and "demo" in table and "answer tokens trained on" in table  # what each set holds
     assert "(a) - (b), the paper's claim: NLL/token" in table  # the paired comparison, from per-answer NLLs
     tokens = json.loads((work / "ablate-all/train_config.json").read_text())["target_tokens"]
     assert f"| {len(augmented)} | {tokens} |" in table  # (c): its pairs, then its answer tokens per epoch
@@ -107,7 +107,11 @@ def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path):
     assert pipeline.main(argv) == 0
     rows = read_jsonl(work / "data/unlabelled.jsonl")
     assert len(rows) == 16 and [r["instruction"] for r in rows] == [""] * 16  # 8 (--n-unlabelled) from each
-    assert len({r["id"] for r in rows}) == 16
+    assert sorted(r["id"].split("-")[1] for r in rows) == ["seed"] * 8 + ["unlabelled"] * 8
+    # the same source twice would give every id twice, and augmentation resumes by id
+    argv = ["--workdir", str(tmp_path / "twice"), "--model", tiny, "--until", "data",
+            "--unlabelled", DEMO_TEXTS, DEMO_TEXTS] + FAST
+    assert pipeline.main(argv) == 2
     assert json.loads((work / "preset.json").read_text())["unlabelled"] == [DEMO_TEXTS, DEMO_SEED]
 
 
