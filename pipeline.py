@@ -198,7 +198,7 @@ def prepare_data(pre: Preset, seed: int, stage_dir: Path) -> list[str]:
     """Read the three sources once and freeze them as JSONL files the later stages hash."""
     from dataclasses import replace as dc_replace
 
-    from data.pairs import DataError, as_unlabelled, sample, write_jsonl_atomic
+    from data.pairs import DataError, as_unlabelled, require_unique_ids, sample, write_jsonl_atomic
     from data.readers import format_stats, load_source
     seed_pairs, stats = load_source(pre.seed_data)
     print(format_stats(pre.seed_data, stats))
@@ -212,12 +212,8 @@ def prepare_data(pre: Preset, seed: int, stage_dir: Path) -> list[str]:
         texts = [dc_replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
                  for p, u in zip(texts, as_unlabelled(texts)) if p.output.strip()]
         unlabelled += sample(texts, pre.n_unlabelled, seed) if pre.n_unlabelled else texts
-    seen: dict[str, str] = {}
-    for u in unlabelled:  # augmentation resumes by id: two sources sharing ids would lose rows
-        if u.id in seen:
-            raise DataError(f"unlabelled text id {u.id!r} comes twice (from {seen[u.id]!r} and {u.source!r}): "
-                            f"give each source once, or sources whose rows have distinct ids")
-        seen[u.id] = u.source
+    # checked here too, not only when augmenting: that stage runs after two trainings
+    require_unique_ids(unlabelled, "the unlabelled texts of " + " + ".join(pre.unlabelled))
     tests, stats = load_source(pre.test_prompts)
     print(format_stats(pre.test_prompts, stats))
     tests = [p for p in tests if p.instruction.strip()][:pre.n_test]
@@ -420,14 +416,12 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
 
     from data.pairs import DataError, read_pairs, sample
     if which == "all":  # (c) does not depend on curation
-        return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in read_pairs(augmented)]
-    kept = read_pairs(curated) if curated.stat().st_size else []
-    if not kept:
-        raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
-    if which == "curated":
-        rows = kept
+        rows = read_pairs(augmented)
     else:
-        rows = sample(read_pairs(augmented), len(kept), seed)
+        kept = read_pairs(curated) if curated.stat().st_size else []
+        if not kept:
+            raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
+        rows = kept if which == "curated" else sample(read_pairs(augmented), len(kept), seed)
     return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
 
 
@@ -454,14 +448,14 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     for a in adapters:
         label = Path(a).parent.name
         data = Path(a).parent / "data" / "train.jsonl"
-        rows = read_pairs(data if data.exists() else seed_file)
-        sizes[label] = len(rows)
+        pairs = read_pairs(data if data.exists() else seed_file)
+        sizes[label] = len(pairs)
         # Same size in pairs is not the same amount of training: a rater that prefers short answers
         # gives fewer answer tokens (train.py records them over its training split, i.e. after --eval-frac,
         # truncated to --max-len, one EOS per pair).
         cfg = Path(a).parent / "train_config.json"
         tokens[label] = json.loads(cfg.read_text()).get("target_tokens", "-") if cfg.exists() else "-"
-        sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in rows).most_common())
+        sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in pairs).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
                  tokens=tokens.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
             for row in report["forward"]]

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from data.pairs import DataError, Pair, append_jsonl
+from data.pairs import DataError, Pair, append_jsonl, require_unique_ids
 from data.templates import backward_prompt
 
 T = TypeVar("T")
@@ -298,10 +298,7 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
         an earlier run), ``written`` (pairs appended now), ``dropped`` (total now) and
         ``dropped_by_reason`` (reason -> count, see :func:`degenerate_reason`).
     """
-    ids = [p.id for p in unlabelled]
-    if len(set(ids)) != len(ids):
-        dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
-        raise DataError(f"duplicate ids in the unlabelled data (e.g. {dupes[:3]}); resuming needs unique ids")
+    require_unique_ids(unlabelled, "the unlabelled data")
     out_path = Path(out_path)
     side = dropped_path(out_path)
     done = read_done_ids(out_path, side, *done_files)

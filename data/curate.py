@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from data.augment import batches, read_done_ids
-from data.pairs import DataError, Pair, append_jsonl, iter_jsonl
+from data.pairs import DataError, Pair, append_jsonl, iter_jsonl, require_unique_ids
 from data.scores import MAX_SCORE, MIN_SCORE, parse_score
 from data.templates import Tag, forward_prompt, rating_prompt
 
@@ -152,9 +152,7 @@ def _rate_in_batches(pairs: list[Pair], rate_batch: Callable[[list[Pair]], list[
     for p in pairs:
         if not p.instruction.strip() or not p.output.strip():
             raise DataError(f"pair {p.id}: rating needs both an instruction and an output")
-    ids = [p.id for p in pairs]
-    if len(set(ids)) != len(ids):
-        raise DataError("duplicate ids in the pairs to rate; resuming needs unique ids")
+    require_unique_ids(pairs, "the pairs to rate")
     done = read_done_ids(out_path, *done_files)
     todo = [p for p in pairs if p.id not in done]
     stats = dict(input=len(pairs), skipped_done=len(pairs) - len(todo), rated=0) | {m: 0 for m in METHODS}

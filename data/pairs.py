@@ -22,6 +22,7 @@ import json
 import os
 import random
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,6 +126,15 @@ def dedupe(pairs: Iterable[Pair]) -> tuple[list[Pair], int]:
             seen.add(pair.id)
             kept.append(pair)
     return kept, dropped
+
+
+def require_unique_ids(pairs: Iterable[Pair], what: str) -> None:
+    """Raise DataError naming a few repeated ids: every resumable stage (augmentation, rating)
+    skips the ids its output already holds, so a repeated id would silently lose a row."""
+    counts = Counter(p.id for p in pairs)
+    dupes = sorted(i for i, c in counts.items() if c > 1)
+    if dupes:
+        raise DataError(f"duplicate ids in {what} (e.g. {dupes[:3]}); resuming needs unique ids")
 
 
 def as_unlabelled(pairs: Iterable[Pair]) -> list[Pair]:

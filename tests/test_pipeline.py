@@ -101,7 +101,7 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert len(read_jsonl(work / "ablate-random/data/train.jsonl")) == len(lines) - 1
 
 
-def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path):
+def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):
     work = tmp_path / "run"
     argv = ["--workdir", str(work), "--model", tiny, "--until", "data", "--unlabelled", DEMO_TEXTS, DEMO_SEED] + FAST
     assert pipeline.main(argv) == 0
@@ -112,6 +112,8 @@ def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path):
     argv = ["--workdir", str(tmp_path / "twice"), "--model", tiny, "--until", "data",
             "--unlabelled", DEMO_TEXTS, DEMO_TEXTS] + FAST
     assert pipeline.main(argv) == 2
+    assert "duplicate ids in the unlabelled texts of" in capsys.readouterr().err
+    assert not (tmp_path / "twice/data/unlabelled.jsonl").exists()  # refused before anything is written
     assert json.loads((work / "preset.json").read_text())["unlabelled"] == [DEMO_TEXTS, DEMO_SEED]
 
 

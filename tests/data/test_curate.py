@@ -173,6 +173,13 @@ def test_pairs_without_instruction_are_refused(tmp_path: Path) -> None:
         rate([Pair("u", "", "text")], fake_rater([]), None, tmp_path / "r.jsonl", progress=False)
 
 
+def test_duplicate_ids_are_refused_before_rating(tmp_path: Path) -> None:
+    twice = [Pair("p", "Question?", "Answer."), Pair("p", "Other question?", "Other answer.")]
+    with pytest.raises(DataError, match=r"duplicate ids in the pairs to rate \(e\.g\. \['p'\]\)"):
+        rate(twice, fake_rater([]), None, tmp_path / "r.jsonl", progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_read_rated_refuses_other_files(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(Pair("a", "q", "o").to_dict()) + "\n")

@@ -15,6 +15,7 @@ from data.pairs import (
     make_id,
     read_jsonl,
     read_pairs,
+    require_unique_ids,
     sample,
     write_jsonl_atomic,
 )
@@ -157,3 +158,9 @@ def test_gzipped_jsonl_is_read_transparently(tmp_path: Path) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write('{"a": 1}\n{"a": 2}\n')
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_require_unique_ids_names_the_repeated_ones() -> None:
+    require_unique_ids([Pair("a", "q", "o"), Pair("b", "q", "o")], "x")  # unique: no error
+    with pytest.raises(DataError, match=r"duplicate ids in the demo set \(e\.g\. \['a', 'b'\]\)"):
+        require_unique_ids([Pair(i, "q", "o") for i in "abcab"], "the demo set")
