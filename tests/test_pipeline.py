@@ -183,3 +183,41 @@ def test_ablation_with_an_empty_curated_set_names_the_file(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match=r"curated\.jsonl: the curated set is empty"):
         pipeline.ablation_set("random", tmp_path / "augmented.jsonl", empty, seed=0)
+
+
+def _ablation_dir(tmp_path, curated, random):
+    """A hand-made ablation folder: eval.json plus per-answer NLLs for (a) and (b), given as
+    {id: (summed -log p, tokens)}."""
+    from data.pairs import Pair, write_jsonl_atomic
+    out = tmp_path / "ablation"
+    out.mkdir()
+    adapters = []
+    for name, source in (("ablate-curated", "lima"), ("ablate-random", "web")):
+        write_jsonl_atomic(tmp_path / name / "data/train.jsonl", [Pair(f"{name}-{i}", "q", "o", source) for i in range(3)])
+        (tmp_path / name / "train_config.json").write_text(json.dumps({"target_tokens": 123}))
+        adapters.append(tmp_path / name / "adapter")
+    (out / "eval.json").write_text(json.dumps({
+        "forward": [{"model": "base", "nll": 2.5}, {"model": "ablate-curated", "nll": 2.0},
+                    {"model": "ablate-random", "nll": 2.2}],
+        "heldout": {"n": 3, "spec": "held.jsonl"}, "settings": {"judge": "none"}}))
+    for name, per in (("ablate-curated", curated), ("ablate-random", random)):
+        with open(out / f"forward_{name}.jsonl", "w") as f:
+            for i, (s, t) in per.items():
+                f.write(json.dumps({"id": i, "reference_nll_sum": s, "reference_tokens": t}) + "\n")
+    return out / "eval.json", adapters
+
+
+def test_ablation_table_pairs_answers_by_id_and_reports_the_gap(tmp_path):
+    # (a) is 1 nat/token better on every answer; (b)'s rows come in another order
+    eval_json, adapters = _ablation_dir(tmp_path, {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)},
+                                        {"z": (10.0, 5), "y": (40.0, 20), "x": (20.0, 10)})
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "| 3 | 123 | lima 3 |" in table and "| 3 | 123 | web 3 |" in table
+    assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower on 3): (a) lower" in table
+    assert "judged" not in table  # no judge: no judge sentence
+
+
+def test_ablation_table_keeps_the_table_when_answers_cannot_be_compared(tmp_path):
+    eval_json, adapters = _ablation_dir(tmp_path, {"x": (10.0, 10)}, {"x": (10.0, 11)})  # tokenized differently
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "| (a) curated" in table and "(a) - (b): not compared (reference 0: 10 tokens under A but 11" in table

@@ -187,3 +187,13 @@ def test_labelled_source_keeps_the_human_instruction(tiny: Path, tmp_path: Path,
     for p in written:  # the human instruction rides along in meta, for comparison
         assert p.meta["human_instruction"] == humans[p.id] != p.instruction
     assert "human's instruction:" in capsys.readouterr().out or not written
+
+
+def test_report_says_what_share_of_each_source_was_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    from data.curate import select
+    rows = [dict(id=f"{src}-{i}", instruction="q", output="o", source=src, score=score, score_method="text")
+            for src, scores in (("lima", [5, 5, 1, 1]), ("web", [5, 1, 1, 1])) for i, score in enumerate(scores)]
+    curate.print_report(rows, 5, select(rows, 5))
+    assert "kept by source: lima 2/4 (50%), web 1/4 (25%)" in capsys.readouterr().out
+    curate.print_report(rows[:4], 5, select(rows[:4], 5))  # one source: no such line
+    assert "kept by source" not in capsys.readouterr().out
