@@ -28,6 +28,8 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   with the seed tag line, compared by evaluate.py:
   ablate-curated   trained on the curated set (rated >= --threshold: A5 at the paper's 5)
   ablate-random    trained on a random sample of the uncurated augmented pairs, same size
+                   (--ablation-draws K: K such models, ablate-random-2 ... -K drawing with seeds
+                   SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw)
   ablate-all       trained on all augmented pairs
   ablation         evaluate.py on those three + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation-train-args", default="",
                    help="extra train.py flags for the ablate-* trainings only, after --train-args (e.g. "
                         "\"--epochs 3\": their sets are small)")
+    g.add_argument("--ablation-draws", type=int, default=1, metavar="K",
+                   help="train (b), the random same-size set, on K different random draws (sample and training "
+                        "seed SEED, SEED+1, ...): one draw can be lucky, so ablation.md then says how many of the "
+                        "K draws (a) beats, which happens by chance 1 time in K+1 (default 1; each draw costs "
+                        "one training and one evaluation)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -260,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
+    if args.ablation_draws < 1:
+        print(f"error: --ablation-draws must be >= 1, got {args.ablation_draws}", file=sys.stderr)
+        return 2
     if args.ablation and not pre.heldout:
         print("error: --ablation compares models on held-out pairs: give --heldout", file=sys.stderr)
         return 2
@@ -279,17 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     eval_flags = ["--k-shot", str(pre.k_shot)] + pre.evaluate
     (work / "preset.json").write_text(json.dumps(pre.__dict__, indent=2))
 
-    def stage(i_name: str, config: dict, inputs: list[Path], body) -> Path:
-        i = stages.index(i_name)
+    def stage(i_name: str, config: dict, inputs: list[Path], body, at: str | None = None) -> Path:
+        """Run stage ``i_name`` (cached); ``at``: the stage of STAGES it belongs to (extra draws)."""
+        i = stages.index(at or i_name)
         redo = redo_from is not None and i >= redo_from
         d, _ = run_stage(i_name, work, config, [str(x) for x in inputs], body, redo=redo)
         return d
 
-    def train(data: Path, d: Path, direction: str = "forward", tag: str = "seed", flags: list[str] = pre.train
-              ) -> list[str]:
+    def train(data: Path, d: Path, direction: str = "forward", tag: str = "seed", flags: list[str] = pre.train,
+              seed: int = args.seed) -> list[str]:
         """train.py into stage folder ``d``; returns the files the stage promises."""
         call("train", mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
-                                "--seed", str(args.seed), "--resume"] + flags + quiet)
+                                "--seed", str(seed), "--resume"] + flags + quiet)
         return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
 
     def evaluate(models: list[str], d: Path) -> None:
@@ -372,20 +383,24 @@ def main(argv: list[str] | None = None) -> int:
             ablation_train = pre.train + shlex.split(args.ablation_train_args)
             curated = curated_dirs[0] / "curated.jsonl"
             adapters = []
-            for which in ("curated", "random", "all"):
-                name = f"ablate-{which}"
-                if last < stages.index(name):
+            # (b) once per draw: draw k samples its pairs and trains with seed SEED + k
+            runs = [("curated", "ablate-curated", 0)] + \
+                [("random", "ablate-random" + (f"-{k + 1}" if k else ""), k) for k in range(args.ablation_draws)] + \
+                [("all", "ablate-all", 0)]
+            for which, name, k in runs:
+                if last < stages.index(f"ablate-{which}"):
                     break
 
-                def abody(d: Path, which=which, name=name) -> list[str]:
-                    rows = ablation_set(which, augmented, curated, args.seed)
+                def abody(d: Path, which=which, name=name, k=k) -> list[str]:
+                    rows = ablation_set(which, augmented, curated, args.seed + k)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
-                    return train(d / "data" / "train.jsonl", d, flags=ablation_train)
+                    return train(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
                 # (c) does not depend on curation: changing the rater must not retrain it
                 inputs = [augmented] if which == "all" else [augmented, curated]
                 adir = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which,
-                                    "train": ablation_train, "seed": args.seed}, inputs, abody)
+                                    "train": ablation_train, "seed": args.seed + k}, inputs, abody,
+                             at=f"ablate-{which}")
                 adapters.append(adir / "adapter")
             if last >= stages.index("ablation"):
                 adapters.append(m0)  # (d) seed only: M0 is exactly that model
@@ -438,12 +453,14 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     from collections import Counter
 
     from data.evaluation import markdown_table
-    from data.metrics import paired_nll_gap
+    from data.metrics import nll_gap_to_draws
     from data.pairs import iter_jsonl, read_pairs
     report = json.loads(eval_json.read_text())
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
+    what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
+             for k in range(2, len(adapters) + 1)}
     sizes, tokens, sources = {"base": 0}, {}, {}
     for a in adapters:
         label = Path(a).parent.name
@@ -451,10 +468,12 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
         pairs = read_pairs(data if data.exists() else seed_file)
         sizes[label] = len(pairs)
         # Same size in pairs is not the same amount of training: a rater that prefers short answers
-        # gives fewer answer tokens (train.py records them over its training split, i.e. after --eval-frac,
-        # truncated to --max-len, one EOS per pair).
-        cfg = Path(a).parent / "train_config.json"
-        tokens[label] = json.loads(cfg.read_text()).get("target_tokens", "-") if cfg.exists() else "-"
+        # gives fewer answer tokens (train.py counts those every step saw: after --eval-frac, truncated
+        # to --max-len, one EOS per pair; adapters trained before it counted that, one pass over the split).
+        cfg = json.loads((Path(a).parent / "train_config.json").read_text()) \
+            if (Path(a).parent / "train_config.json").exists() else {}
+        tokens[label] = cfg.get("target_tokens_trained",
+                                f"{cfg['target_tokens']} per epoch" if "target_tokens" in cfg else "-")
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in pairs).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
                  tokens=tokens.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
@@ -469,26 +488,46 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
             f"Held-out: {h['n']} pairs from `{h['spec']}`. NLL/token of the human answers (lower is better)"
             + (f"; wins/losses/ties against the base model's answers, judged in both orders by {judge}.\n"
                if judge and judge != "none" else ".\n"))
+    draws = [Path(a).parent.name for a in adapters if Path(a).parent.name.startswith("ablate-random")]
     per_pair = {}
-    for label in ("ablate-curated", "ablate-random"):
+    for label in ["ablate-curated", *draws]:
         f = eval_json.parent / f"forward_{label}.jsonl"
         if f.exists():  # joined on the held-out pair's id, not on row order
             per_pair[label] = {r["id"]: (r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
                                if "reference_nll_sum" in r}
-    if len(per_pair) == 2 and all(per_pair.values()):
-        ids = [i for i in per_pair["ablate-curated"] if i in per_pair["ablate-random"]]
-        try:
-            g = paired_nll_gap([per_pair["ablate-curated"][i] for i in ids], [per_pair["ablate-random"][i] for i in ids])
-        except ValueError as e:  # the table above still stands without this line
-            return text + f"\n(a) - (b): not compared ({e}).\n"
+    if not draws or len(per_pair) != 1 + len(draws) or not all(per_pair.values()):
+        return text
+    ids = [i for i in per_pair["ablate-curated"] if all(i in per_pair[d] for d in draws)]
+    try:
+        g = nll_gap_to_draws([per_pair["ablate-curated"][i] for i in ids], [[per_pair[d][i] for i in ids]
+                                                                          for d in draws])
+    except ValueError as e:  # the table above still stands without this line
+        return text + f"\n(a) - (b): not compared ({e}).\n"
+    interval = (f"95% bootstrap interval over the {g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; "
+                f"(a) lower on {g['a_better']} of {g['n']} answers")
+    k = len(draws)
+    if k == 1:
         verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
                    else "no difference these answers can support")
         # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
         # training seed: another random sample of the same size can differ by as much.
-        text += (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} (95% bootstrap interval over the "
-                 f"{g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; (a) lower on {g['a_better']}): "
-                 f"{verdict}, for these two trained models (one random draw of (b), one training seed).\n")
-    return text
+        return text + (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for "
+                       f"these two trained models (one random draw of (b), one training seed; --ablation-draws K "
+                       f"trains K).\n")
+    # Two kinds of luck, both must be ruled out: which held-out answers were drawn (the interval)
+    # and which pairs/seed the random set drew (does (a) beat every one of the K draws?).
+    if g["a_lower_than"] == k and g["high"] < 0:
+        verdict = f"(a) lower than all {k} random draws and than their mean beyond the answers' noise"
+    elif g["a_lower_than"] == 0 and g["low"] > 0:
+        verdict = f"(a) higher than all {k} random draws and than their mean beyond the answers' noise"
+    else:
+        verdict = f"no difference both kinds of luck can support ((a) is lower than {g['a_lower_than']} of {k} draws)"
+    mean = sum(g["draw_nll"]) / k
+    return text + (f"\n(a) - (b), the paper's claim, over {k} random draws of (b) (each its own sample and training "
+                   f"seed): (a) {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd {g['draw_sd']:.4f}, range "
+                   f"{min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); (a) - mean (b) {g['gap']:+.4f} ({interval}). "
+                   f"Verdict: {verdict}. (If curation made no difference, (a) would beat all {k} draws by chance "
+                   f"1 time in {k + 1}.)\n")
 
 
 def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:

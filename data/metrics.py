@@ -1,22 +1,24 @@
 """The numbers the evaluation reports, in plain Python (no torch, no numpy): each one short
 enough to read in a minute, and tested against the reference packages.
 
-======================  ==============================================  ======================
-metric                  answers the question                            range
-======================  ==============================================  ======================
-:func:`bleu`            how many of the real instruction's 1..4-grams   0..100 (corpus level)
-                        does the generated one reproduce?
-:func:`rouge_l`         how long an in-order (not necessarily           0..1 (per pair; the
-                        contiguous) word sequence do they share?        mean over a corpus)
-:func:`auc`             does the rater score real pairs above           0..1, 0.5 = chance
-                        mismatched ones?
-:func:`nll_per_token`   how surprised is the model by the reference     0..inf nats, lower is
-                        answers, per token?                             better
-:func:`paired_nll_gap`  is model A's NLL really below model B's on the  a difference with a
-                        same answers, or is the gap noise?              95% bootstrap interval
-:func:`preference_rate` how often does a judge prefer model X's answer  counts and rates
-                        to the baseline's, in both orders?
-======================  ==============================================  ======================
+=========================  ==============================================  ======================
+metric                     answers the question                            range
+=========================  ==============================================  ======================
+:func:`bleu`               how many of the real instruction's 1..4-grams   0..100 (corpus level)
+                           does the generated one reproduce?
+:func:`rouge_l`            how long an in-order (not necessarily           0..1 (per pair; the
+                           contiguous) word sequence do they share?        mean over a corpus)
+:func:`auc`                does the rater score real pairs above           0..1, 0.5 = chance
+                           mismatched ones?
+:func:`nll_per_token`      how surprised is the model by the reference     0..inf nats, lower is
+                           answers, per token?                             better
+:func:`paired_nll_gap`     is model A's NLL really below model B's on the  a difference with a
+                           same answers, or is the gap noise?              95% bootstrap interval
+:func:`nll_gap_to_draws`   ... below K models trained on K random draws,   the same, and how many
+                           or is A one more lucky draw?                    of the K draws A beats
+:func:`preference_rate`    how often does a judge prefer model X's answer  counts and rates
+                           to the baseline's, in both orders?
+=========================  ==============================================  ======================
 
 BLEU follows sacrebleu's defaults exactly (``sacrebleu.corpus_bleu(hyps, [refs])``: the "13a"
 tokenizer of WMT's mteval-v13a, case-sensitive, n = 1..4, "exp" smoothing), so our number can be
@@ -225,26 +227,61 @@ def paired_nll_gap(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]
     the 2.5th and 97.5th percentiles). An interval that excludes 0 is a gap the sample supports.
     ``a_better`` counts the references on which A's own NLL is the lower one.
     """
+    g = nll_gap_to_draws(a, [b], resamples, seed)
+    return {k: g[k] for k in ("gap", "low", "high", "a_better", "n")}
+
+
+def nll_gap_to_draws(a: Sequence[tuple[float, int]], draws: Sequence[Sequence[tuple[float, int]]],
+                     resamples: int = 2000, seed: int = 0) -> dict[str, float | int | list[float]]:
+    """Model A against several models B1..BK trained the same way on different random draws.
+
+    One random draw is luck too: another sample of the same size, or another training seed, moves
+    the NLL. So compare A with K of them, two ways:
+
+    * ``gap`` = NLL(A) - mean over draws of NLL(Bk), with ``low``/``high`` from a paired percentile
+      bootstrap over references (as in :func:`paired_nll_gap`, which is this with K = 1): is the
+      gap bigger than the luck of which references were drawn?
+    * ``a_lower_than`` = how many of the K draws A beats outright. If A were just one more draw
+      (the choice of its pairs made no difference), each of the K + 1 models would be equally
+      likely to be the best, so A beats all K by chance with probability 1 / (K + 1)
+      (``chance_all``): is A better than the luck of the draw?
+
+    Also returned: ``a_nll``, ``draw_nll`` (one per draw), ``draw_sd`` (their spread; 0 for K = 1),
+    ``a_better`` (references on which A's NLL is below the draws' mean) and ``n``.
+    """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need the same non-zero number of references for both models, got {len(a)} and {len(b)}")
-    for i, ((_, ta), (_, tb)) in enumerate(zip(a, b)):
-        if ta != tb:
-            raise ValueError(f"reference {i}: {ta} tokens under A but {tb} under B; score the same tokenization")
-
+    if not draws:
+        raise ValueError("need at least one draw to compare with")
+    for k, b in enumerate(draws):
+        if len(a) != len(b) or not a:
+            raise ValueError(f"need the same non-zero number of references for both models, got {len(a)} and "
+                             f"{len(b)}" + (f" (draw {k + 1})" if len(draws) > 1 else ""))
+        for i, ((_, ta), (_, tb)) in enumerate(zip(a, b)):
+            if ta != tb:
+                raise ValueError(f"reference {i}: {ta} tokens under A but {tb} under B"
+                                 + (f"{k + 1}" if len(draws) > 1 else "") + "; score the same tokenization")
     if not any(t for _, t in a):
         raise ValueError("no tokens to score")
+    k = len(draws)
+    b_mean = [sum(b[i][0] for b in draws) / k for i in range(len(a))]  # per reference: the draws' mean -log p
 
     def gap(idx: Sequence[int]) -> float:
         tokens = sum(a[i][1] for i in idx)
-        return (sum(a[i][0] for i in idx) - sum(b[i][0] for i in idx)) / max(tokens, 1)
+        return (sum(a[i][0] for i in idx) - sum(b_mean[i] for i in idx)) / max(tokens, 1)
+
+    def nll(m: Sequence[tuple[float, int]]) -> float:
+        return sum(s for s, _ in m) / max(sum(t for _, t in m), 1)
 
     rng = random.Random(seed)
     n = len(a)
     boots = sorted(gap([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    draw_nll = [nll(b) for b in draws]
+    mean = sum(draw_nll) / k
+    sd = math.sqrt(sum((x - mean) ** 2 for x in draw_nll) / (k - 1)) if k > 1 else 0.0
     return dict(gap=gap(range(n)), low=boots[int(0.025 * (resamples - 1))], high=boots[int(0.975 * (resamples - 1))],
-                a_better=sum(x[0] < y[0] for x, y in zip(a, b)), n=n)
+                a_better=sum(x[0] < y for x, y in zip(a, b_mean)), n=n, a_nll=nll(a), draw_nll=draw_nll,
+                draw_sd=sd, a_lower_than=sum(nll(a) < x for x in draw_nll), chance_all=1 / (k + 1))
 
 
 # --------------------------------------------------------------------- pairwise judging

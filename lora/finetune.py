@@ -23,6 +23,7 @@ equivalent in distribution, not bit for bit, to a single process.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -235,10 +236,30 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     net = distributed.wrap_ddp(model)  # the model itself when alone
     ranks = {"world_size": world, "global_batch": cfg.batch_size * accum} if world > 1 else {}
+
+    @functools.lru_cache(maxsize=2)  # steps walk the epochs in order: shuffle each epoch once
+    def epoch_order(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+
+    def micro_batches(step: int) -> list[list[int]]:
+        """The micro-batches (example indices) of optimizer step ``step`` over all ranks: a pure
+        function of (seed, epoch, step), so every rank knows the whole step without asking."""
+        out_batches = []
+        for k in range(accum):
+            flat = step * accum + k
+            epoch, idx = divmod(flat, steps_per_epoch * accum)
+            order = epoch_order(epoch)
+            out_batches.append(order[idx % len(order)])
+        return out_batches
+
     if main:
-        # How much text one epoch trains on, after truncation to max_len: "the same number of pairs"
-        # is not the same amount of training when one set's answers are shorter.
-        seen = {"total_steps": total_steps, "examples": len(examples), "target_tokens": int(sum(n_target))}
+        # How much text the run trains on, after truncation to max_len: "the same number of pairs"
+        # is not the same amount of training when one set's answers are shorter. target_tokens: the
+        # answer tokens of the training split (one pass over it); target_tokens_trained: what all
+        # total_steps steps see, exactly (--max-steps, epochs, a remainder of micro-batches dropped).
+        trained = sum(n_target[j] for step in range(total_steps) for b in micro_batches(step) for j in b)
+        seen = {"total_steps": total_steps, "examples": len(examples), "target_tokens": int(sum(n_target)),
+                "target_tokens_trained": int(trained)}
         (out / "train_config.json").write_text(json.dumps(asdict(cfg) | seen | ranks, indent=2, default=list))
     print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
           f"trainable%: {100 * report['trainable'] / report['total']:.4f}")
@@ -256,17 +277,6 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
         print(f"resumed from {ck} at step {start}")
     elif log_path.exists() and main:
         log_path.unlink()  # a fresh run (or --resume before any checkpoint) starts a fresh log
-
-    def micro_batches(step: int) -> list[list[int]]:
-        """The micro-batches (example indices) of optimizer step ``step`` over all ranks: a pure
-        function of (seed, epoch, step), so every rank knows the whole step without asking."""
-        out_batches = []
-        for k in range(accum):
-            flat = step * accum + k
-            epoch, idx = divmod(flat, steps_per_epoch * accum)
-            order = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-            out_batches.append(order[idx % len(order)])
-        return out_batches
 
     bar = None
     if progress and main:

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from data.metrics import (auc, bleu, clipped_matches, combine_orders, lcs_length, mean_rouge_l, nll_per_token,
-                          paired_nll_gap, parse_verdict, preference_rate, rouge_l, rouge_tokens, tokenize_13a)
+from data.metrics import (auc, bleu, clipped_matches, combine_orders, lcs_length, mean_rouge_l, nll_gap_to_draws,
+                          nll_per_token, paired_nll_gap, parse_verdict, preference_rate, rouge_l, rouge_tokens,
+                          tokenize_13a)
 
 # ------------------------------------------------------------------------------------ BLEU
 
@@ -174,6 +175,23 @@ def test_paired_nll_gap_known_cases() -> None:
         paired_nll_gap(same, same, resamples=0)
     with pytest.raises(ValueError, match="no tokens"):
         paired_nll_gap([(0.0, 0)], [(0.0, 0)])
+
+
+def test_nll_gap_to_draws_known_cases() -> None:
+    a = [(2.0, 1), (9.0, 3)]                                  # NLL 11 / 4 = 2.75
+    draws = [[(3.0, 1), (13.0, 3)], [(2.0, 1), (8.0, 3)]]       # NLL 4.0 and 2.5
+    g = nll_gap_to_draws(a, draws)
+    assert g["a_nll"] == 2.75 and g["draw_nll"] == [4.0, 2.5] and g["draw_sd"] == pytest.approx(1.5 / 2 ** 0.5)
+    assert g["gap"] == pytest.approx(2.75 - 3.25) and g["a_lower_than"] == 1 and g["chance_all"] == pytest.approx(1 / 3)
+    assert g["a_better"] == 2 and g["n"] == 2  # per reference against the draws' mean: 2 < 2.5 and 9 < 10.5
+    # with one draw it is paired_nll_gap, and no spread
+    one = nll_gap_to_draws(a, draws[:1])
+    assert one["draw_sd"] == 0.0 and {k: one[k] for k in ("gap", "low", "high", "a_better", "n")} == \
+        paired_nll_gap(a, draws[0])
+    with pytest.raises(ValueError, match="under B2"):
+        nll_gap_to_draws(a, [draws[0], [(2.0, 1), (8.0, 4)]])
+    with pytest.raises(ValueError, match="at least one draw"):
+        nll_gap_to_draws(a, [])
 
 
 # --------------------------------------------------------------------- pairwise judging

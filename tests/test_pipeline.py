@@ -70,23 +70,27 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
 
 def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys):
     work = tmp_path / "run"
-    argv = ["--workdir", str(work), "--model", tiny, "--threshold", "1", "--ablation"] + FAST
+    argv = ["--workdir", str(work), "--model", tiny, "--threshold", "1", "--ablation", "--ablation-draws", "2"] + FAST
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     curated = read_jsonl(work / "curate/curated.jsonl")
-    sizes = {name: len(read_jsonl(work / name / "data/train.jsonl")) for name in ("ablate-curated", "ablate-random",
-                                                                                  "ablate-all")}
+    draws = ("ablate-random", "ablate-random-2")
+    sets = {name: read_jsonl(work / name / "data/train.jsonl") for name in ("ablate-curated", *draws, "ablate-all")}
     augmented = read_jsonl(work / "augment/augmented.jsonl")
-    assert sizes == {"ablate-curated": len(curated), "ablate-random": len(curated), "ablate-all": len(augmented)}
+    assert {k: len(v) for k, v in sets.items()} == {"ablate-curated": len(curated), "ablate-random": len(curated),
+                                                    "ablate-random-2": len(curated), "ablate-all": len(augmented)}
+    # each draw samples and trains with its own seed (here all pairs are rated >= 1, so both draw all of them)
+    assert [json.loads((work / d / "train_config.json").read_text())["seed"] for d in draws] == [0, 1]
     assert all("tag" not in r.get("meta", {}) for r in read_jsonl(work / "ablate-all/data/train.jsonl"))
     report = json.loads((work / "ablation/eval.json").read_text())
-    assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", "ablate-random", "ablate-all", "m0"]
+    assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", *draws, "ablate-all", "m0"]
     table = (work / "ablation/ablation.md").read_text()
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
+    assert "(b) random, draw 2" in table
     assert "texts from" in table and "demo" in table and "answer tokens trained on" in table  # what each set holds
-    assert "(a) - (b), the paper's claim: NLL/token" in table  # the paired comparison, from per-answer NLLs
-    tokens = json.loads((work / "ablate-all/train_config.json").read_text())["target_tokens"]
-    assert f"| {len(augmented)} | {tokens} |" in table  # (c): its pairs, then its answer tokens per epoch
+    assert "over 2 random draws of (b)" in table and "1 time in 3" in table  # compared with both draws
+    tokens = json.loads((work / "ablate-all/train_config.json").read_text())["target_tokens_trained"]
+    assert f"| {len(augmented)} | {tokens} |" in table  # (c): its pairs, then the answer tokens its steps saw
     rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
     assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
 
@@ -97,7 +101,7 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert pipeline.main(argv) == 0
     after = manifests(work)
     assert after["ablate-all"] == before["ablate-all"] and after["curate"] == before["curate"]
-    assert after["ablate-curated"] != before["ablate-curated"] and after["ablate-random"] != before["ablate-random"]
+    assert all(after[n] != before[n] for n in ("ablate-curated", *draws))
     assert len(read_jsonl(work / "ablate-random/data/train.jsonl")) == len(lines) - 1
 
 
@@ -185,22 +189,33 @@ def test_ablation_with_an_empty_curated_set_names_the_file(tmp_path):
         pipeline.ablation_set("random", tmp_path / "augmented.jsonl", empty, seed=0)
 
 
-def _ablation_dir(tmp_path, curated, random):
-    """A hand-made ablation folder: eval.json plus per-answer NLLs for (a) and (b), given as
-    {id: (summed -log p, tokens)}."""
+def test_ablation_draws_differ_by_seed(tmp_path):
+    from data.pairs import Pair, write_jsonl_atomic
+    write_jsonl_atomic(tmp_path / "augmented.jsonl", [Pair(f"p{i}", "q", "o", "web") for i in range(20)])
+    write_jsonl_atomic(tmp_path / "curated.jsonl", [Pair(f"p{i}", "q", "o", "web") for i in range(5)])
+    draws = [{p.id for p in pipeline.ablation_set("random", tmp_path / "augmented.jsonl", tmp_path / "curated.jsonl",
+                                                  seed)} for seed in (0, 1, 0)]
+    assert len(draws[0]) == 5 and draws[0] != draws[1] and draws[0] == draws[2]
+
+
+def _ablation_dir(tmp_path, curated, *random):
+    """A hand-made ablation folder: eval.json plus per-answer NLLs for (a) and each draw of (b),
+    given as {id: (summed -log p, tokens)}."""
     from data.pairs import Pair, write_jsonl_atomic
     out = tmp_path / "ablation"
-    out.mkdir()
+    out.mkdir(parents=True)
     adapters = []
-    for name, source in (("ablate-curated", "lima"), ("ablate-random", "web")):
+    names = ["ablate-curated"] + ["ablate-random" + (f"-{k + 1}" if k else "") for k in range(len(random))]
+    for name in names:
+        source = "lima" if name == "ablate-curated" else "web"
         write_jsonl_atomic(tmp_path / name / "data/train.jsonl", [Pair(f"{name}-{i}", "q", "o", source) for i in range(3)])
-        (tmp_path / name / "train_config.json").write_text(json.dumps({"target_tokens": 123}))
+        (tmp_path / name / "train_config.json").write_text(json.dumps({"target_tokens": 123,
+                                                                       "target_tokens_trained": 369}))
         adapters.append(tmp_path / name / "adapter")
     (out / "eval.json").write_text(json.dumps({
-        "forward": [{"model": "base", "nll": 2.5}, {"model": "ablate-curated", "nll": 2.0},
-                    {"model": "ablate-random", "nll": 2.2}],
+        "forward": [{"model": "base", "nll": 2.5}] + [{"model": n, "nll": 2.0} for n in names],
         "heldout": {"n": 3, "spec": "held.jsonl"}, "settings": {"judge": "none"}}))
-    for name, per in (("ablate-curated", curated), ("ablate-random", random)):
+    for name, per in zip(names, (curated, *random)):
         with open(out / f"forward_{name}.jsonl", "w") as f:
             for i, (s, t) in per.items():
                 f.write(json.dumps({"id": i, "reference_nll_sum": s, "reference_tokens": t}) + "\n")
@@ -212,9 +227,28 @@ def test_ablation_table_pairs_answers_by_id_and_reports_the_gap(tmp_path):
     eval_json, adapters = _ablation_dir(tmp_path, {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)},
                                         {"z": (10.0, 5), "y": (40.0, 20), "x": (20.0, 10)})
     table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
-    assert "| 3 | 123 | lima 3 |" in table and "| 3 | 123 | web 3 |" in table
-    assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower on 3): (a) lower" in table
+    assert "| 3 | 369 | lima 3 |" in table and "| 3 | 369 | web 3 |" in table
+    assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower on 3 of 3 answers): (a) lower" in table
     assert "judged" not in table  # no judge: no judge sentence
+    # an adapter trained before target_tokens_trained existed shows its one-pass count, labelled
+    (tmp_path / "ablate-random/train_config.json").write_text(json.dumps({"target_tokens": 123}))
+    assert "| 3 | 123 per epoch | web 3 |" in pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+
+
+def test_ablation_table_over_several_draws_needs_a_to_beat_every_draw(tmp_path):
+    answers = {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)}
+
+    def worse(by):  # NLL higher by ``by`` nats/token on every answer
+        return {i: (s + by * t, t) for i, (s, t) in answers.items()}
+    eval_json, adapters = _ablation_dir(tmp_path / "beats", answers, worse(1.0), worse(0.5), worse(2.0))
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "over 3 random draws" in table and "(a) 1.000, (b) 2.167 on average (sd 0.7638, range 1.500 to 3.000)" in table
+    assert "(a) - mean (b) -1.1667" in table and "(a) lower than all 3 random draws" in table
+    assert "1 time in 4" in table and "(b) random, draw 3 (sample and training seed +2)" in table
+    # below two draws but above the third: a lucky (a) is not enough
+    eval_json, adapters = _ablation_dir(tmp_path / "between", answers, worse(1.0), worse(-0.5), worse(2.0))
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "Verdict: no difference both kinds of luck can support ((a) is lower than 2 of 3 draws)" in table
 
 
 def test_ablation_table_keeps_the_table_when_answers_cannot_be_compared(tmp_path):

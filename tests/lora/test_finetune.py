@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lora.finetune as finetune
 import train as train_script
-from data.batching import IGNORE_INDEX, collate, masked_lm_loss, tokenize_pair
+from data.batching import IGNORE_INDEX, collate, masked_lm_loss, target_token_count, tokenize_pair
 from data.templates import forward_example
 from lora.finetune import TrainConfig, TrainingDiverged, train
 from model import generate, load_model
@@ -97,6 +97,27 @@ def test_eval_every_zero_evaluates_once_at_the_end(tiny_dir, tmp_path):
     want = sum(int((collate([tokenize_pair(tok, p, t, 64)], tok.pad_id)["labels"] != IGNORE_INDEX).sum())
                for p, t in examples())
     assert saved["examples"] == len(PAIRS) and saved["target_tokens"] == want > 0
+
+
+@pytest.mark.parametrize("n, batch_size, grad_accum, steps", [(4, 2, 1, 3), (3, 1, 2, None)])
+def test_target_tokens_trained_counts_what_the_steps_saw(tiny_dir, tmp_path, monkeypatch, n, batch_size, grad_accum,
+                                                          steps):
+    """train_config.json's target_tokens_trained is the answer tokens every batch the loss saw:
+    1.5 epochs by --max-steps, and 2 of 3 examples per epoch when a micro-batch remainder is dropped."""
+    seen = []
+    real_loss = finetune.batch_loss_sum
+
+    def counting(net, model, batch, device, use_autocast):
+        seen.append(target_token_count(batch["labels"]))
+        return real_loss(net, model, batch, device, use_autocast)
+    monkeypatch.setattr(finetune, "batch_loss_sum", counting)
+    model, tok = load_model(tiny_dir, device="cpu")
+    cfg = TrainConfig(out_dir=str(tmp_path), r=4, alpha=8, max_steps=steps, epochs=2, batch_size=batch_size,
+                      grad_accum=grad_accum, warmup_steps=1, eval_every=0, save_every=0, max_len=64)
+    train(model, tok, examples()[:n], cfg, progress=False)
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["target_tokens_trained"] == sum(seen) > 0
+    assert saved["target_tokens_trained"] != 2 * saved["target_tokens"]  # neither is a whole number of epochs
 
 
 def comparable_log(path):
