@@ -15,7 +15,7 @@ On several GPUs (or CPU processes), the same command under torchrun: rank r rate
 batch into its part file (rated.jsonl -> rated.rank{r}-of-{N}.jsonl, resumable), and rank 0
 merges the parts into --out in input order and writes --curated (see generate.py):
 
-    torchrun --nproc_per_node 8 curate.py --model BASE --adapter runs/seed/adapter \
+    torchrun --nproc_per_node 8 curate.py --model BASE --adapter runs/seed/adapter \\
         --pairs augmented.jsonl --out rated.jsonl --curated curated.jsonl
 """
 from __future__ import annotations

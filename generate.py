@@ -20,7 +20,7 @@ takes every N-th batch of texts and appends to its own part file (augmented.json
 augmented.rank{r}-of-{N}.jsonl, resumable like OUT); at the end rank 0 merges the parts into
 OUT in input order:
 
-    torchrun --nproc_per_node 8 generate.py --model BASE --adapter runs/backward/adapter \
+    torchrun --nproc_per_node 8 generate.py --model BASE --adapter runs/backward/adapter \\
         --unlabelled web:FILE --out augmented.jsonl
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ Data-parallel on several GPUs (or CPU processes): the same command under torchru
 loads the base itself and trains on its share of every step; the global batch is
 --batch-size x processes x --grad-accum (lora/finetune.py, lora/distributed.py):
 
-    torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-2-7b-hf --quantize nf4 --qlora \
+    torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-2-7b-hf --quantize nf4 --qlora \\
         --data curated.jsonl --batch-size 4 --grad-accum 1 --out runs/forward
 """
 from __future__ import annotations
