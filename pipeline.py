@@ -31,7 +31,7 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
                    (--ablation-draws K: K such models, ablate-random-2 ... -K drawing with seeds
                    SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw)
   ablate-all       trained on all augmented pairs
-  ablation         evaluate.py on those three + M0 (the seed-only model, as the m0 stage trained
+  ablation         evaluate.py on those + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
 
 Every stage prints the equivalent command, so any step can be rerun or changed by hand.
@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"--epochs 3\": their sets are small)")
     g.add_argument("--ablation-draws", type=int, default=1, metavar="K",
                    help="train (b), the random same-size set, on K different random draws (sample and training "
-                        "seed SEED, SEED+1, ...): one draw can be lucky, so ablation.md then says how many of the "
-                        "K draws (a) beats, which happens by chance 1 time in K+1 (default 1; each draw costs "
-                        "one training and one evaluation)")
+                        "seed SEED, SEED+1, ...), because one draw can be lucky: ablation.md then says how many "
+                        "of the K draws (a) beats. If curation made no difference, (a) would still beat all K by "
+                        "luck about 1 time in K+1 (default 1; each draw costs one training and one evaluation)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -260,16 +260,18 @@ def show_responses(csv_path: Path, n: int = 5) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ablation_draws < 1:
+        parser.error(f"--ablation-draws must be >= 1, got {args.ablation_draws}")
+    if args.ablation_draws > 1 and not args.ablation:
+        parser.error("--ablation-draws trains ablation models: add --ablation")
     pre = resolve_preset(args)
     from data.pairs import DataError, write_jsonl_atomic
     from data.stages import run_stage
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    if args.ablation_draws < 1:
-        print(f"error: --ablation-draws must be >= 1, got {args.ablation_draws}", file=sys.stderr)
-        return 2
     if args.ablation and not pre.heldout:
         print("error: --ablation compares models on held-out pairs: give --heldout", file=sys.stderr)
         return 2
@@ -459,6 +461,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
+    if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
+        what["ablate-random"] += ", draw 1"
     what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
              for k in range(2, len(adapters) + 1)}
     sizes, tokens, sources = {"base": 0}, {}, {}
@@ -504,30 +508,34 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     except ValueError as e:  # the table above still stands without this line
         return text + f"\n(a) - (b): not compared ({e}).\n"
     interval = (f"95% bootstrap interval over the {g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; "
-                f"(a) lower on {g['a_better']} of {g['n']} answers")
+                f"(a) lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on {g['a_better']} "
+                f"of {g['n']} answers")
     k = len(draws)
     if k == 1:
         verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
-                   else "no difference these answers can support")
+                   else "not shown: the gap is within the noise of which answers were drawn")
         # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
         # training seed: another random sample of the same size can differ by as much.
         return text + (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for "
                        f"these two trained models (one random draw of (b), one training seed; --ablation-draws K "
                        f"trains K).\n")
     # Two kinds of luck, both must be ruled out: which held-out answers were drawn (the interval)
-    # and which pairs/seed the random set drew (does (a) beat every one of the K draws?).
-    if g["a_lower_than"] == k and g["high"] < 0:
-        verdict = f"(a) lower than all {k} random draws and than their mean beyond the answers' noise"
-    elif g["a_lower_than"] == 0 and g["low"] > 0:
-        verdict = f"(a) higher than all {k} random draws and than their mean beyond the answers' noise"
+    # and which pairs/seed the random set drew (does (a) beat every one of the K draws?). Even then,
+    # K draws leave (a) below all of them by luck about 1 time in K + 1.
+    m = g["a_lower_than"]
+    lower, higher = m == k and g["high"] < 0, m == 0 and g["low"] > 0
+    if lower or higher:
+        verdict = (f"(a) {'lower' if lower else 'higher'} than every one of the {k} draws, and than their mean "
+                   f"beyond the answers' noise; if curation made no difference this would still happen by luck "
+                   f"about 1 time in {k + 1}")
     else:
-        verdict = f"no difference both kinds of luck can support ((a) is lower than {g['a_lower_than']} of {k} draws)"
+        verdict = (f"not shown: (a) is lower than {m} of the {k} draws"
+                   + ("" if m not in (0, k) else ", but the gap to their mean is within the answers' noise"))
     mean = sum(g["draw_nll"]) / k
-    return text + (f"\n(a) - (b), the paper's claim, over {k} random draws of (b) (each its own sample and training "
-                   f"seed): (a) {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd {g['draw_sd']:.4f}, range "
-                   f"{min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); (a) - mean (b) {g['gap']:+.4f} ({interval}). "
-                   f"Verdict: {verdict}. (If curation made no difference, (a) would beat all {k} draws by chance "
-                   f"1 time in {k + 1}.)\n")
+    return text + (f"\n(a) - (b), the paper's claim, over {k} random draws of (b) (draw k: sample and training seed "
+                   f"SEED+k-1; (a) trains with SEED): (a) {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd "
+                   f"{g['draw_sd']:.4f}, range {min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); (a) - mean (b) "
+                   f"{g['gap']:+.4f} ({interval}). Verdict: {verdict}.\n")
 
 
 def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:

@@ -94,15 +94,20 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
     assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
 
-    # A different curated set (as another rater would give) retrains (a) and (b), never (c).
+    # A different curated set (as another rater would give) retrains (a) and every draw of (b), never (c).
     before = manifests(work)
     lines = (work / "curate/curated.jsonl").read_text().splitlines(keepends=True)
-    (work / "curate/curated.jsonl").write_text("".join(lines[:-1]))
+    (work / "curate/curated.jsonl").write_text("".join(lines[:4]))
     assert pipeline.main(argv) == 0
     after = manifests(work)
     assert after["ablate-all"] == before["ablate-all"] and after["curate"] == before["curate"]
     assert all(after[n] != before[n] for n in ("ablate-curated", *draws))
-    assert len(read_jsonl(work / "ablate-random/data/train.jsonl")) == len(lines) - 1
+    ids = [[r["id"] for r in read_jsonl(work / d / "data/train.jsonl")] for d in draws]
+    assert [len(x) for x in ids] == [4, 4] and set(ids[0]) != set(ids[1])  # each draw samples with its own seed
+    # draw 1 keeps the stage name and config it had before --ablation-draws, so older runs stay cached
+    config = json.loads((work / "ablate-random/manifest.json").read_text())["config"]
+    assert sorted(config) == ["model", "quantize", "seed", "set", "train"] and (config["set"], config["seed"]) == \
+        ("random", 0)
 
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):
@@ -189,6 +194,16 @@ def test_ablation_with_an_empty_curated_set_names_the_file(tmp_path):
         pipeline.ablation_set("random", tmp_path / "augmented.jsonl", empty, seed=0)
 
 
+def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):
+    for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"]):
+        with pytest.raises(SystemExit) as e:
+            pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ablation-draws must be >= 1, got 0" in err and "--ablation-draws trains ablation models: add --ablation" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_ablation_draws_differ_by_seed(tmp_path):
     from data.pairs import Pair, write_jsonl_atomic
     write_jsonl_atomic(tmp_path / "augmented.jsonl", [Pair(f"p{i}", "q", "o", "web") for i in range(20)])
@@ -228,7 +243,7 @@ def test_ablation_table_pairs_answers_by_id_and_reports_the_gap(tmp_path):
                                         {"z": (10.0, 5), "y": (40.0, 20), "x": (20.0, 10)})
     table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
     assert "| 3 | 369 | lima 3 |" in table and "| 3 | 369 | web 3 |" in table
-    assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower on 3 of 3 answers): (a) lower" in table
+    assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower than (b) on 3 of 3 answers): (a) lower" in table
     assert "judged" not in table  # no judge: no judge sentence
     # an adapter trained before target_tokens_trained existed shows its one-pass count, labelled
     (tmp_path / "ablate-random/train_config.json").write_text(json.dumps({"target_tokens": 123}))
@@ -243,12 +258,23 @@ def test_ablation_table_over_several_draws_needs_a_to_beat_every_draw(tmp_path):
     eval_json, adapters = _ablation_dir(tmp_path / "beats", answers, worse(1.0), worse(0.5), worse(2.0))
     table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
     assert "over 3 random draws" in table and "(a) 1.000, (b) 2.167 on average (sd 0.7638, range 1.500 to 3.000)" in table
-    assert "(a) - mean (b) -1.1667" in table and "(a) lower than all 3 random draws" in table
-    assert "1 time in 4" in table and "(b) random, draw 3 (sample and training seed +2)" in table
+    assert "(a) - mean (b) -1.1667" in table and "Verdict: (a) lower than every one of the 3 draws" in table
+    assert "about 1 time in 4" in table and "(b) random, draw 3 (sample and training seed +2)" in table
+    assert "(b) random, same size, uncurated, draw 1" in table
     # below two draws but above the third: a lucky (a) is not enough
     eval_json, adapters = _ablation_dir(tmp_path / "between", answers, worse(1.0), worse(-0.5), worse(2.0))
     table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
-    assert "Verdict: no difference both kinds of luck can support ((a) is lower than 2 of 3 draws)" in table
+    assert "Verdict: not shown: (a) is lower than 2 of the 3 draws." in table
+    # higher than every draw and beyond the answers' noise: the opposite verdict, with the same caveat
+    eval_json, adapters = _ablation_dir(tmp_path / "above", worse(3.0), worse(1.0), worse(0.5), worse(2.0))
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "Verdict: (a) higher than every one of the 3 draws" in table and "about 1 time in 4" in table
+    # below every draw, but only just and not on every answer: within the answers' noise
+    near = {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)}
+    eval_json, adapters = _ablation_dir(tmp_path / "noise", {"x": (9.0, 10), "y": (21.0, 20), "z": (4.9, 5)},
+                                        near, near)
+    table = pipeline.ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "not shown: (a) is lower than 2 of the 2 draws, but the gap to their mean is within the answers' noise" in table
 
 
 def test_ablation_table_keeps_the_table_when_answers_cannot_be_compared(tmp_path):
