@@ -29,7 +29,8 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   ablate-curated   trained on the curated set (rated >= --threshold: A5 at the paper's 5)
   ablate-random    trained on a random sample of the uncurated augmented pairs, same size
                    (--ablation-draws K: K such models, ablate-random-2 ... -K drawing with seeds
-                   SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw)
+                   SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw;
+                   --ablation-match text: as much answer text as (a) instead of as many pairs)
   ablate-all       trained on all augmented pairs
   ablation         evaluate.py on those + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed SEED, SEED+1, ...), because one draw can be lucky: ablation.md then says how many "
                         "of the K draws (a) beats. If curation made no difference, (a) would still beat all K by "
                         "luck about 1 time in K+1 (default 1; each draw costs one training and one evaluation)")
+    g.add_argument("--ablation-match", choices=["pairs", "text"], default="pairs",
+                   help="what (b) matches in (a): 'pairs', the same number of pairs (the paper's comparison, "
+                        "default), or 'text', about as many characters of answer text (separates 'which pairs' "
+                        "from 'how much text' when the rater prefers short or long answers)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -264,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ablation_draws < 1:
         parser.error(f"--ablation-draws must be >= 1, got {args.ablation_draws}")
-    if args.ablation_draws > 1 and not args.ablation:
-        parser.error("--ablation-draws trains ablation models: add --ablation")
+    if (args.ablation_draws > 1 or args.ablation_match != "pairs") and not args.ablation:
+        parser.error("--ablation-draws and --ablation-match shape the ablation: add --ablation")
     pre = resolve_preset(args)
     from data.pairs import DataError, write_jsonl_atomic
     from data.stages import run_stage
@@ -394,22 +399,25 @@ def main(argv: list[str] | None = None) -> int:
                     break
 
                 def abody(d: Path, which=which, name=name, k=k) -> list[str]:
-                    rows = ablation_set(which, augmented, curated, args.seed + k)
+                    rows = ablation_set(which, augmented, curated, args.seed + k, args.ablation_match)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
                     return train(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
                 # (c) does not depend on curation: changing the rater must not retrain it
                 inputs = [augmented] if which == "all" else [augmented, curated]
-                adir = stage(name, {"model": pre.model, "quantize": pre.quantize, "set": which,
-                                    "train": ablation_train, "seed": args.seed + k}, inputs, abody,
-                             at=f"ablate-{which}")
+                config = {"model": pre.model, "quantize": pre.quantize, "set": which, "train": ablation_train,
+                          "seed": args.seed + k}
+                if which == "random" and args.ablation_match != "pairs":  # absent by default: older runs stay cached
+                    config["match"] = args.ablation_match
+                adir = stage(name, config, inputs, abody, at=f"ablate-{which}")
                 adapters.append(adir / "adapter")
             if last >= stages.index("ablation"):
                 adapters.append(m0)  # (d) seed only: M0 is exactly that model
 
                 def ablation_body(d: Path) -> list[str]:
                     evaluate([x for a in adapters for x in ("--forward", str(a))], d)
-                    (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file))
+                    (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file,
+                                                                   args.ablation_match))
                     print((d / "ablation.md").read_text())
                     return ["eval.json", "eval.md", "ablation.md"]
                 stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags,
@@ -426,19 +434,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ablation_set(which: str, augmented: Path, curated: Path, seed: int) -> list:
+def ablation_set(which: str, augmented: Path, curated: Path, seed: int, match: str = "pairs") -> list:
     """The training pairs of one ablation model: the curated set, a same-size random sample of
-    the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line)."""
+    the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line).
+    "Same size" is the same number of pairs (the paper's comparison), or with ``match="text"``
+    about the same number of answer characters (for a rater that prefers short or long answers)."""
     from dataclasses import replace as dc_replace
 
-    from data.pairs import DataError, read_pairs, sample
+    from data.pairs import DataError, read_pairs, sample, sample_text
     if which == "all":  # (c) does not depend on curation
         rows = read_pairs(augmented)
     else:
         kept = read_pairs(curated) if curated.stat().st_size else []
         if not kept:
             raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
-        rows = kept if which == "curated" else sample(read_pairs(augmented), len(kept), seed)
+        if which == "curated":
+            rows = kept
+        elif match == "text":
+            rows = sample_text(read_pairs(augmented), sum(len(p.output) for p in kept), seed)
+        else:
+            rows = sample(read_pairs(augmented), len(kept), seed)
     return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
 
 
@@ -449,7 +464,7 @@ def heldout_files(spec: str) -> list[Path]:
     return [path] if path.is_file() else []
 
 
-def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> str:
+def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match: str = "pairs") -> str:
     """ablation.md: one row per training set (its size and where its texts came from) from
     evaluate.py's eval.json, and whether curated beat random by more than the held-out sample's noise."""
     from collections import Counter
@@ -461,6 +476,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
+    if match == "text":
+        what["ablate-random"] = "(b) random, as much answer text as (a), uncurated"
     if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
         what["ablate-random"] += ", draw 1"
     what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
@@ -511,12 +528,13 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
                 f"(a) lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on {g['a_better']} "
                 f"of {g['n']} answers")
     k = len(draws)
+    claim = "the paper's claim" if match == "pairs" else "with as much answer text"
     if k == 1:
         verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
                    else "not shown: the gap is within the noise of which answers were drawn")
         # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
         # training seed: another random sample of the same size can differ by as much.
-        return text + (f"\n(a) - (b), the paper's claim: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for "
+        return text + (f"\n(a) - (b), {claim}: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for "
                        f"these two trained models (one random draw of (b), one training seed; --ablation-draws K "
                        f"trains K).\n")
     # Two kinds of luck, both must be ruled out: which held-out answers were drawn (the interval)
@@ -532,7 +550,7 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path) -> st
         verdict = (f"not shown: (a) is lower than {m} of the {k} draws"
                    + ("" if m not in (0, k) else ", but the gap to their mean is within the answers' noise"))
     mean = sum(g["draw_nll"]) / k
-    return text + (f"\n(a) - (b), the paper's claim, over {k} random draws of (b) (draw k: sample and training seed "
+    return text + (f"\n(a) - (b), {claim}, over {k} random draws of (b) (draw k: sample and training seed "
                    f"SEED+k-1; (a) trains with SEED): (a) {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd "
                    f"{g['draw_sd']:.4f}, range {min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); (a) - mean (b) "
                    f"{g['gap']:+.4f} ({interval}). Verdict: {verdict}.\n")

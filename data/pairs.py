@@ -160,6 +160,27 @@ def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
     return [pairs[i] for i in chosen]
 
 
+def sample_text(pairs: list[Pair], chars: int, seed: int) -> list[Pair]:
+    """A deterministic random subset holding about ``chars`` characters of output, in input order.
+
+    Pairs are taken in a seeded random order until their outputs reach ``chars`` characters
+    (the last one may overshoot). This is the fair "random set of the same size" for a selection
+    whose outputs are shorter or longer than average: the same amount of answer text, not the
+    same number of pairs. Characters, not tokens, so that it needs no tokenizer.
+    """
+    if chars < 0:
+        raise ValueError(f"chars must be >= 0, got {chars}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total >= chars:
+            break
+        chosen.append(i)
+        total += len(pairs[i].output)
+    return [pairs[i] for i in sorted(chosen)]
+
+
 # ---------------------------------------------------------------------------- JSONL
 
 

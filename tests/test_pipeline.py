@@ -109,6 +109,16 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert sorted(config) == ["model", "quantize", "seed", "set", "train"] and (config["set"], config["seed"]) == \
         ("random", 0)
 
+    # --ablation-match text: (b) now matches (a)'s answer text, not its pair count; (a) and (c) are kept
+    assert pipeline.main(argv + ["--ablation-match", "text"]) == 0
+    again = manifests(work)
+    assert again["ablate-curated"] == after["ablate-curated"] and again["ablate-all"] == after["ablate-all"]
+    assert json.loads((work / "ablate-random-2/manifest.json").read_text())["config"]["match"] == "text"
+    chars = [sum(len(r["output"]) for r in read_jsonl(work / d / "data/train.jsonl"))
+             for d in ("ablate-curated", *draws)]
+    assert all(c >= chars[0] for c in chars[1:])
+    assert "(b) random, as much answer text as (a), uncurated, draw 1" in (work / "ablation/ablation.md").read_text()
+
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):
     work = tmp_path / "run"
@@ -200,7 +210,7 @@ def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, cap
             pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
         assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--ablation-draws must be >= 1, got 0" in err and "--ablation-draws trains ablation models: add --ablation" in err
+    assert "--ablation-draws must be >= 1, got 0" in err and "--ablation-draws and --ablation-match shape the ablation: add --ablation" in err
     assert not (tmp_path / "run").exists()
 
 

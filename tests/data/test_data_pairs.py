@@ -17,6 +17,7 @@ from data.pairs import (
     read_pairs,
     require_unique_ids,
     sample,
+    sample_text,
     write_jsonl_atomic,
 )
 
@@ -138,6 +139,22 @@ def test_sample_is_deterministic_and_keeps_order() -> None:
     assert [pairs.index(p) for p in first] == sorted(pairs.index(p) for p in first)
     assert sample(pairs, 10, seed=4) != first
     assert sample(pairs, 100, seed=0) == pairs
+
+
+def test_sample_text_takes_as_much_answer_text_not_as_many_pairs() -> None:
+    # 10 long answers (100 chars) and 40 short ones (10 chars): 300 characters is 3 long answers'
+    # worth or 30 short ones', so how many pairs it takes depends on which it drew
+    pairs = [Pair(f"l{i}", "q", "x" * 100, "t") for i in range(10)] + [Pair(f"s{i}", "q", "y" * 10, "t")
+                                                                      for i in range(40)]
+    for seed in range(5):
+        got = sample_text(pairs, 300, seed)
+        chars = sum(len(p.output) for p in got)
+        assert 300 <= chars < 300 + 100  # reaches the budget; only the last pair overshoots
+        assert [pairs.index(p) for p in got] == sorted(pairs.index(p) for p in got)
+    assert sample_text(pairs, 300, 1) == sample_text(pairs, 300, 1) != sample_text(pairs, 300, 2)
+    assert sample_text(pairs, 0, 0) == [] and sample_text(pairs, 10 ** 6, 0) == pairs
+    with pytest.raises(ValueError, match="chars"):
+        sample_text(pairs, -1, 0)
 
 
 def test_dedupe_and_as_unlabelled() -> None:
