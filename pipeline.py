@@ -30,7 +30,7 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   ablate-random    trained on a random sample of the uncurated augmented pairs, same size
                    (--ablation-draws K: K such models, ablate-random-2 ... -K drawing with seeds
                    SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw;
-                   --ablation-match text: as much answer text as (a) instead of as many pairs)
+                   --ablation-match tokens: as many answer tokens as (a) instead of as many pairs)
   ablate-all       trained on all augmented pairs
   ablation         evaluate.py on those + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
@@ -43,8 +43,10 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "data" / "demo"
@@ -154,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed SEED, SEED+1, ...), because one draw can be lucky: ablation.md then says how many "
                         "of the K draws (a) beats. If curation made no difference, (a) would still beat all K by "
                         "luck about 1 time in K+1 (default 1; each draw costs one training and one evaluation)")
-    g.add_argument("--ablation-match", choices=["pairs", "text"], default="pairs",
+    g.add_argument("--ablation-match", choices=["pairs", "tokens"], default="pairs",
                    help="what (b) matches in (a): 'pairs', the same number of pairs (the paper's comparison, "
-                        "default), or 'text', about as many characters of answer text (separates 'which pairs' "
-                        "from 'how much text' when the rater prefers short or long answers)")
+                        "default), or 'tokens', as many answer tokens to train on (after --max-len truncation; "
+                        "separates 'which pairs' from 'how much text' when the rater prefers short or long answers)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -399,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
 
                 def abody(d: Path, which=which, name=name, k=k) -> list[str]:
-                    rows = ablation_set(which, augmented, curated, args.seed + k, args.ablation_match)
+                    rows = ablation_set(which, augmented, curated, args.seed + k,
+                                        answer_tokens(pre, ablation_train) if args.ablation_match == "tokens" else None)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
                     return train(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
@@ -434,14 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ablation_set(which: str, augmented: Path, curated: Path, seed: int, match: str = "pairs") -> list:
+def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
+                 answer_tokens: Callable[[Any], int] | None = None) -> list:
     """The training pairs of one ablation model: the curated set, a same-size random sample of
     the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line).
-    "Same size" is the same number of pairs (the paper's comparison), or with ``match="text"``
-    about the same number of answer characters (for a rater that prefers short or long answers)."""
+    "Same size" is the same number of pairs (the paper's comparison) or, given
+    ``answer_tokens(pair)``, as many answer tokens to train on (for a rater that prefers short or
+    long answers: then the two sets differ in which pairs, not in how much text)."""
     from dataclasses import replace as dc_replace
 
-    from data.pairs import DataError, read_pairs, sample, sample_text
+    from data.pairs import DataError, read_pairs, sample, sample_to_budget
     if which == "all":  # (c) does not depend on curation
         rows = read_pairs(augmented)
     else:
@@ -450,11 +455,28 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int, match: s
             raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
         if which == "curated":
             rows = kept
-        elif match == "text":
-            rows = sample_text(read_pairs(augmented), sum(len(p.output) for p in kept), seed)
+        elif answer_tokens is not None:
+            rows = sample_to_budget(read_pairs(augmented), sum(map(answer_tokens, kept)), answer_tokens, seed)
         else:
             rows = sample(read_pairs(augmented), len(kept), seed)
     return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
+
+
+def answer_tokens(pre: Preset, train_flags: list[str]) -> Callable[[Any], int]:
+    """How many answer tokens train.py, run with ``train_flags``, would train one pair on: the
+    ablation's forward template with the seed tag, truncated to its --max-len (the tokenizer
+    alone is loaded, not the model)."""
+    import train as train_script
+    from data.batching import tokenize_pair
+    from model.load import resolve_model_dir
+    from model.tokenizer import load_tokenizer
+    flags = train_script.build_parser().parse_known_args(["--data", "-", "--out", "-"] + train_flags)[0]
+    tok = load_tokenizer(resolve_model_dir(pre.model))
+
+    def count(pair: Any) -> int:
+        prompt, target = train_script.to_examples([pair], "forward", "seed")[0]
+        return tokenize_pair(tok, prompt, target, flags.max_len).target_tokens
+    return count
 
 
 def heldout_files(spec: str) -> list[Path]:
@@ -476,8 +498,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
             "base": "base model, no adapter"}
-    if match == "text":
-        what["ablate-random"] = "(b) random, as much answer text as (a), uncurated"
+    if match == "tokens":
+        what["ablate-random"] = "(b) random, as many answer tokens as (a), uncurated"
     if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
         what["ablate-random"] += ", draw 1"
     what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
@@ -528,7 +550,7 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
                 f"(a) lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on {g['a_better']} "
                 f"of {g['n']} answers")
     k = len(draws)
-    claim = "the paper's claim" if match == "pairs" else "with as much answer text"
+    claim = "the paper's claim" if match == "pairs" else "with as many answer tokens"
     if k == 1:
         verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
                    else "not shown: the gap is within the noise of which answers were drawn")

@@ -29,6 +29,11 @@ class Example:
     labels: list[int]
     truncated: bool = False
 
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss grades: labels after the first (they predict it), -100 excluded."""
+        return sum(lab != IGNORE_INDEX for lab in self.labels[1:])
+
 
 def tokenize_pair(tokenizer, prompt: str, target: str, max_len: int) -> Example:
     """One training example, truncated to ``max_len`` tokens by this rule:

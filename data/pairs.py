@@ -23,7 +23,7 @@ import os
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,24 +160,24 @@ def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
     return [pairs[i] for i in chosen]
 
 
-def sample_text(pairs: list[Pair], chars: int, seed: int) -> list[Pair]:
-    """A deterministic random subset holding about ``chars`` characters of output, in input order.
+def sample_to_budget(pairs: list[Pair], budget: int, size: Callable[[Pair], int], seed: int) -> list[Pair]:
+    """A deterministic random subset whose sizes add up to ``budget``, in input order.
 
-    Pairs are taken in a seeded random order until their outputs reach ``chars`` characters
-    (the last one may overshoot). This is the fair "random set of the same size" for a selection
-    whose outputs are shorter or longer than average: the same amount of answer text, not the
-    same number of pairs. Characters, not tokens, so that it needs no tokenizer.
+    Pairs are taken in a seeded random order until ``size(pair)`` summed reaches ``budget`` (the
+    last one may overshoot). With ``size`` = the answer tokens a pair trains on, this is the fair
+    "random set of the same size" for a selection whose answers are shorter or longer than
+    average: as much training text, not as many pairs.
     """
-    if chars < 0:
-        raise ValueError(f"chars must be >= 0, got {chars}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     chosen, total = [], 0
     for i in order:
-        if total >= chars:
+        if total >= budget:
             break
         chosen.append(i)
-        total += len(pairs[i].output)
+        total += size(pairs[i])
     return [pairs[i] for i in sorted(chosen)]
 
 

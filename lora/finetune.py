@@ -223,7 +223,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     eval_batches = [collate(eval_examples[i:i + cfg.batch_size], tokenizer.pad_id)
                     for i in range(0, len(eval_examples), cfg.batch_size)]
     lengths = [len(e.input_ids) for e in examples]
-    n_target = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in examples]  # as target_token_count
+    n_target = [e.target_tokens for e in examples]
     accum = cfg.grad_accum * world  # micro-batches per optimizer step, over all ranks
     steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size) // accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs

@@ -13,7 +13,7 @@ import pytest
 
 import model.sampling
 import pipeline
-from data.pairs import read_jsonl
+from data.pairs import read_jsonl, read_pairs
 from tests.tiny import make_tiny
 
 FAST = ["--n-unlabelled", "8", "--train-args=--max-steps 2", "--augment-args=--batch-size 3 --max-new-tokens 12",
@@ -109,15 +109,18 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert sorted(config) == ["model", "quantize", "seed", "set", "train"] and (config["set"], config["seed"]) == \
         ("random", 0)
 
-    # --ablation-match text: (b) now matches (a)'s answer text, not its pair count; (a) and (c) are kept
-    assert pipeline.main(argv + ["--ablation-match", "text"]) == 0
+    # --ablation-match tokens: (b) now matches (a)'s answer tokens, not its pair count; (a) and (c) are kept
+    assert pipeline.main(argv + ["--ablation-match", "tokens"]) == 0
     again = manifests(work)
     assert again["ablate-curated"] == after["ablate-curated"] and again["ablate-all"] == after["ablate-all"]
-    assert json.loads((work / "ablate-random-2/manifest.json").read_text())["config"]["match"] == "text"
-    chars = [sum(len(r["output"]) for r in read_jsonl(work / d / "data/train.jsonl"))
-             for d in ("ablate-curated", *draws)]
-    assert all(c >= chars[0] for c in chars[1:])
-    assert "(b) random, as much answer text as (a), uncurated, draw 1" in (work / "ablation/ablation.md").read_text()
+    assert json.loads((work / "ablate-random-2/manifest.json").read_text())["config"]["match"] == "tokens"
+    count = pipeline.answer_tokens(pipeline.resolve_preset(pipeline.build_parser().parse_args(argv)),
+                                   ["--max-len", "384"])
+    budget = sum(count(p) for p in read_pairs(work / "ablate-curated/data/train.jsonl"))
+    for d in draws:  # each draw reaches (a)'s answer tokens, and would not without its last pair
+        sizes = [count(p) for p in read_pairs(work / d / "data/train.jsonl")]
+        assert sum(sizes) >= budget > sum(sizes) - max(sizes)
+    assert "(b) random, as many answer tokens as (a), uncurated, draw 1" in (work / "ablation/ablation.md").read_text()
 
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):

@@ -17,7 +17,7 @@ from data.pairs import (
     read_pairs,
     require_unique_ids,
     sample,
-    sample_text,
+    sample_to_budget,
     write_jsonl_atomic,
 )
 
@@ -141,20 +141,26 @@ def test_sample_is_deterministic_and_keeps_order() -> None:
     assert sample(pairs, 100, seed=0) == pairs
 
 
-def test_sample_text_takes_as_much_answer_text_not_as_many_pairs() -> None:
-    # 10 long answers (100 chars) and 40 short ones (10 chars): 300 characters is 3 long answers'
+def test_sample_to_budget_takes_as_much_text_not_as_many_pairs() -> None:
+    # 10 long answers (100 chars) and 40 short ones (10 chars): a budget of 300 is 3 long answers'
     # worth or 30 short ones', so how many pairs it takes depends on which it drew
     pairs = [Pair(f"l{i}", "q", "x" * 100, "t") for i in range(10)] + [Pair(f"s{i}", "q", "y" * 10, "t")
                                                                       for i in range(40)]
+
+    def size(p: Pair) -> int:
+        return len(p.output)
+    counts = set()
     for seed in range(5):
-        got = sample_text(pairs, 300, seed)
-        chars = sum(len(p.output) for p in got)
-        assert 300 <= chars < 300 + 100  # reaches the budget; only the last pair overshoots
+        got = sample_to_budget(pairs, 300, size, seed)
+        total = sum(map(size, got))
+        assert total >= 300 > total - max(map(size, got))  # reaches the budget, and needs every pair it took
         assert [pairs.index(p) for p in got] == sorted(pairs.index(p) for p in got)
-    assert sample_text(pairs, 300, 1) == sample_text(pairs, 300, 1) != sample_text(pairs, 300, 2)
-    assert sample_text(pairs, 0, 0) == [] and sample_text(pairs, 10 ** 6, 0) == pairs
-    with pytest.raises(ValueError, match="chars"):
-        sample_text(pairs, -1, 0)
+        counts.add(len(got))
+    assert len(counts) > 1  # different draws, different numbers of pairs, the same amount of text
+    assert sample_to_budget(pairs, 300, size, 1) == sample_to_budget(pairs, 300, size, 1)
+    assert sample_to_budget(pairs, 0, size, 0) == [] and sample_to_budget(pairs, 10 ** 6, size, 0) == pairs
+    with pytest.raises(ValueError, match="budget"):
+        sample_to_budget(pairs, -1, size, 0)
 
 
 def test_dedupe_and_as_unlabelled() -> None:
