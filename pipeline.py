@@ -305,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         d, _ = run_stage(i_name, work, config, [str(x) for x in inputs], body, redo=redo)
         return d
 
-    def train(data: Path, d: Path, direction: str = "forward", tag: str = "seed", flags: list[str] = pre.train,
-              seed: int = args.seed) -> list[str]:
-        """train.py into stage folder ``d``; returns the files the stage promises."""
-        call("train", mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
-                                "--seed", str(seed), "--resume"] + flags + quiet)
+    def train_argv(data: Path, d: Path, direction: str = "forward", tag: str = "seed", flags: list[str] = pre.train,
+                   seed: int = args.seed) -> list[str]:
+        return mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
+                         "--seed", str(seed), "--resume"] + flags + quiet
+
+    def train(*a, **kw) -> list[str]:
+        """train.py into stage folder ``d`` (train_argv's arguments); returns the files the stage promises."""
+        call("train", train_argv(*a, **kw))
         return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
 
     def evaluate(models: list[str], d: Path) -> None:
@@ -401,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                     break
 
                 def abody(d: Path, which=which, name=name, k=k) -> list[str]:
-                    rows = ablation_set(which, augmented, curated, args.seed + k,
-                                        answer_tokens(pre, ablation_train) if args.ablation_match == "tokens" else None)
+                    # "tokens": counted as this very training will count them (template, tag, --max-len)
+                    count = answer_tokens(train_argv(d / "data" / "train.jsonl", d, flags=ablation_train)) \
+                        if which == "random" and args.ablation_match == "tokens" else None
+                    rows = ablation_set(which, augmented, curated, args.seed + k, count)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
                     return train(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
@@ -423,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                    args.ablation_match))
                     print((d / "ablation.md").read_text())
                     return ["eval.json", "eval.md", "ablation.md"]
-                stage("ablation", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags,
-                                   "seed": args.seed}, [*adapters, *heldout_files(pre.heldout)], ablation_body)
+                config = {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed}
+                if args.ablation_match != "pairs":  # its wording changes even if no adapter does
+                    config["match"] = args.ablation_match
+                stage("ablation", config, [*adapters, *heldout_files(pre.heldout)], ablation_body)
         if args.push_to_hub and forward_adapters:
             push(args.push_to_hub, pre, work, forward_adapters, curated_dirs)
     except StageFailed as e:
@@ -438,43 +445,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
-                 answer_tokens: Callable[[Any], int] | None = None) -> list:
+                 count_tokens: Callable[[Any], int] | None = None) -> list:
     """The training pairs of one ablation model: the curated set, a same-size random sample of
     the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line).
     "Same size" is the same number of pairs (the paper's comparison) or, given
-    ``answer_tokens(pair)``, as many answer tokens to train on (for a rater that prefers short or
+    ``count_tokens(pair)``, as many answer tokens to train on (for a rater that prefers short or
     long answers: then the two sets differ in which pairs, not in how much text)."""
     from dataclasses import replace as dc_replace
 
     from data.pairs import DataError, read_pairs, sample, sample_to_budget
+
+    def untagged(path: Path) -> list:  # one tag line for every set: the seed tag train.py adds
+        return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in read_pairs(path)]
     if which == "all":  # (c) does not depend on curation
-        rows = read_pairs(augmented)
-    else:
-        kept = read_pairs(curated) if curated.stat().st_size else []
-        if not kept:
-            raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
-        if which == "curated":
-            rows = kept
-        elif answer_tokens is not None:
-            rows = sample_to_budget(read_pairs(augmented), sum(map(answer_tokens, kept)), answer_tokens, seed)
-        else:
-            rows = sample(read_pairs(augmented), len(kept), seed)
-    return [dc_replace(p, meta={k: v for k, v in p.meta.items() if k != "tag"}) for p in rows]
+        return untagged(augmented)
+    kept = untagged(curated) if curated.stat().st_size else []
+    if not kept:
+        raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
+    if which == "curated":
+        return kept
+    if count_tokens is not None:
+        return sample_to_budget(untagged(augmented), sum(map(count_tokens, kept)), count_tokens, seed)
+    return sample(untagged(augmented), len(kept), seed)
 
 
-def answer_tokens(pre: Preset, train_flags: list[str]) -> Callable[[Any], int]:
-    """How many answer tokens train.py, run with ``train_flags``, would train one pair on: the
-    ablation's forward template with the seed tag, truncated to its --max-len (the tokenizer
-    alone is loaded, not the model)."""
+def answer_tokens(train_argv: list[str]) -> Callable[[Any], int]:
+    """How many answer tokens ``train.py TRAIN_ARGV`` would train one pair on: its model's
+    tokenizer (loaded alone, not the model), its direction, tag and --max-len, read from the
+    very flags the training gets (the pair's own tag wins, as in train.py)."""
     import train as train_script
     from data.batching import tokenize_pair
     from model.load import resolve_model_dir
     from model.tokenizer import load_tokenizer
-    flags = train_script.build_parser().parse_known_args(["--data", "-", "--out", "-"] + train_flags)[0]
-    tok = load_tokenizer(resolve_model_dir(pre.model))
+    flags = train_script.build_parser().parse_args(train_argv)
+    tok = load_tokenizer(resolve_model_dir(flags.model))
 
     def count(pair: Any) -> int:
-        prompt, target = train_script.to_examples([pair], "forward", "seed")[0]
+        prompt, target = train_script.to_examples([pair], flags.direction, flags.tag)[0]
         return tokenize_pair(tok, prompt, target, flags.max_len).target_tokens
     return count
 

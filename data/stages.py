@@ -9,8 +9,11 @@ writes ``manifest.json`` there (last, atomically) with
 
 A later run skips the stage when the manifest matches exactly. An edited input or setting
 changes a hash, so the stage and everything downstream of it (whose inputs then change too)
-run again. A stage interrupted half-way has no manifest: it runs again, and stages that write
-append-only (augmentation, rating) resume where they stopped.
+run again, in an emptied folder. A stage interrupted half-way has no manifest: it runs again,
+and stages that write append-only (augmentation, rating, training checkpoints) resume where
+they stopped, but only if it was started with the same config and inputs (``started.json``,
+written when it starts): a half-done stage of other settings is cleared, never resumed, so
+that rows rated by an old rater or a checkpoint of another training set cannot leak in.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+STARTED = "started.json"
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -62,23 +66,31 @@ def run_stage(name: str, workdir: Path, config: Mapping[str, Any], inputs: Seque
     ``redo`` clears the stage folder first (``pipeline.py --from STAGE``): append-only outputs
     from an earlier run would otherwise be taken as work already done."""
     stage_dir = workdir / name
-    if redo and stage_dir.exists():
-        shutil.rmtree(stage_dir)
     if not redo and is_done(stage_dir, config, inputs):
         print(f"[{name}] up to date, skipped ({stage_dir})")
         return stage_dir, False
-    m = stage_dir / MANIFEST
-    if m.exists():
-        m.unlink()  # config or inputs changed: the old result no longer stands
+    expected = _expected(config, inputs)
+    started = stage_dir / STARTED
+    resumable = not redo and not (stage_dir / MANIFEST).exists() and started.exists() and \
+        json.loads(started.read_text()) == expected
+    if stage_dir.exists() and not resumable:
+        # finished with other settings, or half-done with other (or unknown) ones: its files would
+        # be taken for work already done by the append-only writers and --resume
+        print(f"[{name}] {'redoing' if redo else 'settings or inputs changed'}: clearing {stage_dir}")
+        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[{name}] running ...")
+    _write_atomic(started, expected)
+    print(f"[{name}] {'resuming' if resumable else 'running'} ...")
     t0 = time.perf_counter()
     outputs = list(body(stage_dir))
-    manifest = _expected(config, inputs) | {"stage": name, "outputs": outputs,
-                                            "seconds": round(time.perf_counter() - t0, 1),
-                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = m.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, m)
+    manifest = expected | {"stage": name, "outputs": outputs, "seconds": round(time.perf_counter() - t0, 1),
+                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_atomic(stage_dir / MANIFEST, manifest)
     print(f"[{name}] done in {manifest['seconds']} s")
     return stage_dir, True
+
+
+def _write_atomic(path: Path, obj: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.batching import (IGNORE_INDEX, collate, length_grouped_batches, masked_lm_loss, target_token_count,
+from data.batching import (collate, length_grouped_batches, masked_lm_loss, target_token_count,
                            tokenize_pair)
 from model.load import native_bf16
 from model.lm_loss import fused_lm_loss

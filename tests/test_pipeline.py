@@ -114,12 +114,16 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     again = manifests(work)
     assert again["ablate-curated"] == after["ablate-curated"] and again["ablate-all"] == after["ablate-all"]
     assert json.loads((work / "ablate-random-2/manifest.json").read_text())["config"]["match"] == "tokens"
-    count = pipeline.answer_tokens(pipeline.resolve_preset(pipeline.build_parser().parse_args(argv)),
-                                   ["--max-len", "384"])
-    budget = sum(count(p) for p in read_pairs(work / "ablate-curated/data/train.jsonl"))
-    for d in draws:  # each draw reaches (a)'s answer tokens, and would not without its last pair
+    # counted as train.py counts them: its own target_tokens (these sets are too small for an eval split)
+    count = pipeline.answer_tokens(["--model", tiny, "--data", "-", "--direction", "forward", "--tag", "seed",
+                                    "--max-len", "384"])
+    trained = {d: json.loads((work / d / "train_config.json").read_text())["target_tokens"]
+               for d in ("ablate-curated", *draws)}
+    for d in ("ablate-curated", *draws):
         sizes = [count(p) for p in read_pairs(work / d / "data/train.jsonl")]
-        assert sum(sizes) >= budget > sum(sizes) - max(sizes)
+        assert sum(sizes) == trained[d]
+        if d != "ablate-curated":  # each draw reaches (a)'s answer tokens, and would not without its last pair
+            assert sum(sizes) >= trained["ablate-curated"] > sum(sizes) - max(sizes)
     assert "(b) random, as many answer tokens as (a), uncurated, draw 1" in (work / "ablation/ablation.md").read_text()
 
 

@@ -159,6 +159,8 @@ def test_sample_to_budget_takes_as_much_text_not_as_many_pairs() -> None:
     assert len(counts) > 1  # different draws, different numbers of pairs, the same amount of text
     assert sample_to_budget(pairs, 300, size, 1) == sample_to_budget(pairs, 300, size, 1)
     assert sample_to_budget(pairs, 0, size, 0) == [] and sample_to_budget(pairs, 10 ** 6, size, 0) == pairs
+    # a budget hit exactly takes no pair more than it needs
+    assert len(sample_to_budget(pairs[10:], 30, size, 0)) == 3 and len(sample_to_budget(pairs[10:], 31, size, 0)) == 4
     with pytest.raises(ValueError, match="budget"):
         sample_to_budget(pairs, -1, size, 0)
 
