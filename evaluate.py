@@ -386,18 +386,23 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
     forward = report.get("forward") or []
     if len(forward) >= 3:  # the base and two or more adapters: bars compare them (e.g. the ablation)
         labels = [row["model"] for row in forward]
-        fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(forward), 3.8))
-        axes[0].bar(labels, [row["nll"] for row in forward], color="tab:blue")
-        axes[0].set(title="held-out NLL/token (lower is better)", ylabel="nats/token")
-        low = min(row["nll"] for row in forward)
-        axes[0].set_ylim(bottom=max(0.0, low - 0.5))
         judged = [row for row in forward if row.get("win_rate") is not None]
+        fig, axes = plt.subplots(1, 2 if judged else 1, figsize=((2 if judged else 1) * (2 + 1.1 * len(forward)), 3.8),
+                                 squeeze=False)
+        axes = axes[0]
+        nll = [row["nll"] for row in forward]
+        # the ablation's question at a glance: curated (a) in orange against the random draws of (b) in grey
+        colors = ["tab:orange" if m == "ablate-curated" else "tab:gray" if m.startswith("ablate-random") else "tab:blue"
+                  for m in labels]
+        bars = axes[0].bar(labels, nll, color=colors)
+        axes[0].bar_label(bars, fmt="%.3f", fontsize=8)  # the ablation's differences are a few thousandths
+        axes[0].set(title="held-out NLL/token (lower is better)", ylabel="nats/token")
+        low, high = min(nll), max(nll)
+        axes[0].set_ylim(max(0.0, low - max(0.05, high - low)), high + max(0.02, 0.15 * (high - low)))
         if judged:
             axes[1].bar([r["model"] for r in judged], [r["win_rate_ties_half"] for r in judged], color="tab:green")
             axes[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
             axes[1].set(title="vs base: wins + ties/2", ylim=(0, 1))
-        else:
-            axes[1].set_axis_off()
         for ax in axes:
             ax.tick_params(axis="x", labelrotation=30)
         fig.tight_layout()

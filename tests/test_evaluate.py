@@ -330,6 +330,17 @@ def test_end_to_end_plots_when_matplotlib_is_there(full_run: tuple[int, Path, st
     assert (out / "rater_scores.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
 
 
+def test_forward_bars_without_a_judge_are_one_panel(tmp_path: Path) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    forward = [{"model": "base", "nll": 2.384}, {"model": "ablate-curated", "nll": 2.333},
+               {"model": "ablate-random", "nll": 2.330}]
+    assert evaluate.plot({"forward": forward}, tmp_path) == ["forward_nll.png"]
+    no_judge = plt.imread(tmp_path / "forward_nll.png").shape
+    judged = [dict(r, win_rate=0.5, win_rate_ties_half=0.5) for r in forward]
+    assert evaluate.plot({"forward": judged}, tmp_path) == ["forward_nll.png"]
+    assert plt.imread(tmp_path / "forward_nll.png").shape[1] == 2 * no_judge[1]  # a second panel only when judged
+
+
 def test_several_forward_adapters_in_one_table(setup: dict[str, Path], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # plots are optional: without matplotlib, none
