@@ -43,7 +43,7 @@ from model.lm_loss import fused_lm_loss
 
 from . import distributed
 from .adapter import load_adapter, save_adapter
-from .inject import inject_lora, lora_parameters
+from .inject import inject_lora
 
 QLORA_RECIPE = dict(r=64, alpha=16, dropout=0.05, targets=("all-linear",), lr=2e-4)
 

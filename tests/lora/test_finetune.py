@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import lora.finetune as finetune
