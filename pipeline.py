@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             ablation_train = pre.train + shlex.split(args.ablation_train_args)
             curated = curated_dirs[0] / "curated.jsonl"
             adapters = []
-            # (b) once per draw: draw k samples its pairs and trains with seed SEED + k
+            # (b) once per draw k = 0 .. K-1 (stage ablate-random, ablate-random-2, ...): sample and training seed SEED + k
             runs = [("curated", "ablate-curated", 0)] + \
                 [("random", "ablate-random" + (f"-{k + 1}" if k else ""), k) for k in range(args.ablation_draws)] + \
                 [("all", "ablate-all", 0)]
