@@ -4,8 +4,8 @@ Each stage of a run lives in its own folder ``WORKDIR/<stage>/`` and, when it ha
 writes ``manifest.json`` there (last, atomically) with
 
 * ``config``: the settings the stage ran with (model, hyper-parameters, data specs ...), not
-  where it ran: the device (and the dtype it picks) is left out on purpose, so a run started on a CPU can continue on a
-  GPU (or back) and keep its finished stages;
+  where it ran: the device (and the dtype it picks) is left out on purpose, so a run started
+  on a CPU can continue on a GPU (or back) and keep its finished stages;
 * ``inputs``: the SHA-256 of every input file (earlier stages' outputs);
 * ``outputs``: the files it produced.
 
