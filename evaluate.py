@@ -387,8 +387,8 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
     if len(forward) >= 3:  # the base and two or more adapters: bars compare them (e.g. the ablation)
         labels = [row["model"] for row in forward]
         judged = [row for row in forward if row.get("win_rate") is not None]
-        fig, axes = plt.subplots(1, 2 if judged else 1, figsize=((2 if judged else 1) * (2 + 1.1 * len(forward)), 3.8),
-                                 squeeze=False)
+        panels = 2 if judged else 1  # no judge, no win-rate panel
+        fig, axes = plt.subplots(1, panels, figsize=(panels * (2 + 1.1 * len(forward)), 3.8), squeeze=False)
         axes = axes[0]
         nll = [row["nll"] for row in forward]
         # the ablation's question at a glance: curated (a) in orange against the random draws of (b) in grey

@@ -311,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return mflags + ["--data", str(data), "--direction", direction, "--tag", tag, "--out", str(d),
                          "--seed", str(seed), "--resume"] + flags + quiet
 
-    def train(*a, **kw) -> list[str]:
-        """train.py into stage folder ``d`` (train_argv's arguments); returns the files the stage promises."""
-        call("train", train_argv(*a, **kw))
+    def train(argv: list[str]) -> list[str]:
+        """train.py with ``argv`` (from train_argv); returns the files the stage promises."""
+        call("train", argv)
         return ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
 
     def evaluate(models: list[str], d: Path) -> None:
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def train_stage(name: str, data: Path, direction: str, tag: str) -> Path:
         def body(d: Path) -> list[str]:
-            return train(data, d, direction, tag)
+            return train(train_argv(data, d, direction, tag))
         return stage(name, {"model": pre.model, "quantize": pre.quantize, "direction": direction, "tag": tag,
                             "train": pre.train, "seed": args.seed}, [data], body) / "adapter"
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def fbody(d: Path, cdir=cdir) -> list[str]:
                 out = forward_training_set(pre, seed_file, cdir / "curated.jsonl", d / "data")
-                return train(d / "data" / out[0], d)
+                return train(train_argv(d / "data" / out[0], d))
             fdir = stage(fname, {"model": pre.model, "quantize": pre.quantize, "forward_data": pre.forward_data,
                                  "train": pre.train, "seed": args.seed}, [seed_file, cdir / "curated.jsonl"], fbody)
             forward_adapters.append(fdir / "adapter")
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             ablation_train = pre.train + shlex.split(args.ablation_train_args)
             curated = curated_dirs[0] / "curated.jsonl"
             adapters = []
-            # (b) once per draw k = 0 .. K-1 (stage ablate-random, ablate-random-2, ...): sample and training seed SEED + k
+            # (b) once per draw k = 0 .. K-1 (stages ablate-random, ablate-random-2, ...):
+            # sample and training seed SEED + k
             runs = [("curated", "ablate-curated", 0)] + \
                 [("random", "ablate-random" + (f"-{k + 1}" if k else ""), k) for k in range(args.ablation_draws)] + \
                 [("all", "ablate-all", 0)]
@@ -405,13 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
 
                 def abody(d: Path, which=which, name=name, k=k) -> list[str]:
+                    argv = train_argv(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
                     # "tokens": counted as this very training will count them (template, tag, --max-len)
-                    count = answer_tokens(train_argv(d / "data" / "train.jsonl", d, flags=ablation_train)) \
-                        if which == "random" and args.ablation_match == "tokens" else None
+                    count = answer_tokens(argv) if which == "random" and args.ablation_match == "tokens" else None
                     rows = ablation_set(which, augmented, curated, args.seed + k, count)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
-                    return train(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
+                    return train(argv)
                 # (c) does not depend on curation: changing the rater must not retrain it
                 inputs = [augmented] if which == "all" else [augmented, curated]
                 config = {"model": pre.model, "quantize": pre.quantize, "set": which, "train": ablation_train,

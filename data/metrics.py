@@ -276,12 +276,12 @@ def nll_gap_to_draws(a: Sequence[tuple[float, int]], draws: Sequence[Sequence[tu
     rng = random.Random(seed)
     n = len(a)
     boots = sorted(gap([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
-    draw_nll = [nll(b) for b in draws]
+    a_nll, draw_nll = nll(a), [nll(b) for b in draws]
     mean = sum(draw_nll) / k
     sd = math.sqrt(sum((x - mean) ** 2 for x in draw_nll) / (k - 1)) if k > 1 else 0.0
     return dict(gap=gap(range(n)), low=boots[int(0.025 * (resamples - 1))], high=boots[int(0.975 * (resamples - 1))],
-                a_better=sum(x[0] < y for x, y in zip(a, b_mean)), n=n, a_nll=nll(a), draw_nll=draw_nll,
-                draw_sd=sd, a_lower_than=sum(nll(a) < x for x in draw_nll), chance_all=1 / (k + 1))
+                a_better=sum(x[0] < y for x, y in zip(a, b_mean)), n=n, a_nll=a_nll, draw_nll=draw_nll,
+                draw_sd=sd, a_lower_than=sum(a_nll < x for x in draw_nll), chance_all=1 / (k + 1))
 
 
 # --------------------------------------------------------------------- pairwise judging

@@ -241,6 +241,10 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
     def epoch_order(epoch: int) -> list[list[int]]:
         return length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
 
+    def step_targets(step_batches: list[list[int]]) -> int:
+        """Answer tokens of a whole optimizer step (all micro-batches, all ranks): the loss's divisor."""
+        return sum(n_target[j] for b in step_batches for j in b)
+
     def micro_batches(step: int) -> list[list[int]]:
         """The micro-batches (example indices) of optimizer step ``step`` over all ranks: a pure
         function of (seed, epoch, step), so every rank knows the whole step without asking."""
@@ -257,7 +261,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
         # is not the same amount of training when one set's answers are shorter. target_tokens: the
         # answer tokens of the training split (one pass over it); target_tokens_trained: what all
         # total_steps steps see, exactly (--max-steps, epochs, a remainder of micro-batches dropped).
-        trained = sum(n_target[j] for step in range(total_steps) for b in micro_batches(step) for j in b)
+        trained = sum(step_targets(micro_batches(step)) for step in range(total_steps))
         seen = {"total_steps": total_steps, "examples": len(examples), "target_tokens": int(sum(n_target)),
                 "target_tokens_trained": int(trained)}
         (out / "train_config.json").write_text(json.dumps(asdict(cfg) | seen | ranks, indent=2, default=list))
@@ -291,7 +295,7 @@ def train(model, tokenizer, train_pairs: Sequence[tuple[str, str]], cfg: TrainCo
             for g in optimizer.param_groups:
                 g["lr"] = lr
             step_batches = micro_batches(step)
-            n_tokens = sum(n_target[j] for b in step_batches for j in b)  # the whole step's, on every rank
+            n_tokens = step_targets(step_batches)  # the whole step's, on every rank
             batches = [collate([examples[j] for j in b], tokenizer.pad_id) for b in step_batches[rank::world]]
             loss_total, step_tokens = 0.0, 0
             for i, b in enumerate(batches):
