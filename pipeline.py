@@ -31,6 +31,9 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
                    (--ablation-draws K: K such models, ablate-random-2 ... -K drawing with seeds
                    SEED+1 ... SEED+K-1, so the verdict covers the luck of the draw;
                    --ablation-match tokens: as many answer tokens as (a) instead of as many pairs)
+  ablate-oracle    with --ablation-oracle SOURCE, a control: as (b), but drawn from SOURCE's texts only
+                   (e.g. the LIMA half of a LIMA + web pool: what a rater that knew would keep);
+                   if even this is not better than (b), the held-out metric cannot show curation here
   ablate-all       trained on all augmented pairs
   ablation         evaluate.py on those + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
@@ -113,7 +116,7 @@ PRESETS = {
                     heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"]),
 }
 STAGES = ["data", "backward", "m0", "augment", "curate", "forward", "respond", "curate2", "forward2", "respond2",
-          "evaluate", "ablate-curated", "ablate-random", "ablate-all", "ablation"]
+          "evaluate", "ablate-curated", "ablate-random", "ablate-oracle", "ablate-all", "ablation"]
 ITERATION2 = STAGES[7:10]
 ABLATION = STAGES[11:]
 
@@ -160,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what (b) matches in (a): 'pairs', the same number of pairs (the paper's comparison, "
                         "default), or 'tokens', as many answer tokens to train on (after --max-len truncation; "
                         "separates 'which pairs' from 'how much text' when the rater prefers short or long answers)")
+    g.add_argument("--ablation-oracle", metavar="SOURCE", default=None,
+                   help="add a control (e) to the ablation: trained like (b) on a random same-size sample, but of "
+                        "the texts from SOURCE only (a source of a pooled --unlabelled, e.g. 'lima' in a LIMA + web "
+                        "pool): what a rater that knew which texts are good would keep. If (e) is not better than "
+                        "(b) either, the held-out metric cannot show curation helping at this scale")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ablation-draws must be >= 1, got {args.ablation_draws}")
     if (args.ablation_draws > 1 or args.ablation_match != "pairs") and not args.ablation:
         parser.error("--ablation-draws and --ablation-match shape the ablation: add --ablation")
+    if args.ablation_oracle and not args.ablation:
+        parser.error("--ablation-oracle adds a control to the ablation: add --ablation")
     pre = resolve_preset(args)
     from data.ablation import ablation_set, ablation_table
     from data.pairs import DataError, write_jsonl_atomic
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --ablation compares models on held-out pairs: give --heldout", file=sys.stderr)
         return 2
     stages = (STAGES[:7] + (ITERATION2 if pre.iterations == 2 else []) + (["evaluate"] if pre.heldout else [])
-              + (ABLATION if args.ablation else []))
+              + ([s for s in ABLATION if s != "ablate-oracle" or args.ablation_oracle] if args.ablation else []))
     for flag, name in ((args.from_stage, "--from"), (args.until, "--until")):
         if flag and flag not in stages:
             print(f"error: {name} {flag}: this run has no such stage (its stages: {', '.join(stages)})",
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             # sample and training seed SEED + k
             runs = [("curated", "ablate-curated", 0)] + \
                 [("random", "ablate-random" + (f"-{k + 1}" if k else ""), k) for k in range(args.ablation_draws)] + \
-                [("all", "ablate-all", 0)]
+                ([("oracle", "ablate-oracle", 0)] if args.ablation_oracle else []) + [("all", "ablate-all", 0)]
             for which, name, k in runs:
                 if last < stages.index(f"ablate-{which}"):
                     break
@@ -408,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                 def abody(d: Path, which=which, name=name, k=k) -> list[str]:
                     argv = train_argv(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
                     # "tokens": counted as this very training will count them (template, tag, --max-len)
-                    count = answer_tokens(argv) if which == "random" and args.ablation_match == "tokens" else None
-                    rows = ablation_set(which, augmented, curated, args.seed + k, count)
+                    count = answer_tokens(argv) if which in ("random", "oracle") and args.ablation_match == "tokens" \
+                        else None
+                    rows = ablation_set(which, augmented, curated, args.seed + k, count, source=args.ablation_oracle)
                     write_jsonl_atomic(d / "data" / "train.jsonl", rows)
                     print(f"{name}: {len(rows)} training pairs")
                     return train(argv)
@@ -417,8 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                 inputs = [augmented] if which == "all" else [augmented, curated]
                 config = {"model": pre.model, "quantize": pre.quantize, "set": which, "train": ablation_train,
                           "seed": args.seed + k}
-                if which == "random" and args.ablation_match != "pairs":  # absent by default: older runs stay cached
+                # absent by default: older runs stay cached
+                if which in ("random", "oracle") and args.ablation_match != "pairs":
                     config["match"] = args.ablation_match
+                if which == "oracle":
+                    config["source"] = args.ablation_oracle
                 adir = stage(name, config, inputs, abody, at=f"ablate-{which}")
                 adapters.append(adir / "adapter")
             if last >= stages.index("ablation"):
@@ -427,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 def ablation_body(d: Path) -> list[str]:
                     evaluate([x for a in adapters for x in ("--forward", str(a))], d)
                     (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file,
-                                                                   args.ablation_match))
+                                                                   args.ablation_match, args.ablation_oracle))
                     print((d / "ablation.md").read_text())
                     return ["eval.json", "eval.md", "ablation.md"]
                 config = {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed}

@@ -6,6 +6,12 @@ size (as many pairs, or as many answer tokens; one or several draws), (c) on all
 the seed model M0. ``pipeline.py --ablation`` trains them and evaluates them with
 ``evaluate.py``; :func:`ablation_table` turns that evaluation into ``ablation.md``, ending with
 the comparison the paper's claim rests on: is (a) better than (b) by more than luck?
+
+(e), optional, is a control for that comparison: a same-size sample drawn only from one source
+of a pooled input (say the LIMA answers of a LIMA + web pool), i.e. what a rater that knew which
+texts are the good ones would keep. If even (e) is not better than (b), the held-out metric
+cannot see the quality difference at this scale, and (a) vs (b) cannot show curation working,
+whatever the rater.
 """
 from __future__ import annotations
 
@@ -22,10 +28,11 @@ from data.pairs import DataError, iter_jsonl, read_pairs, sample, sample_to_budg
 
 
 def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
-                 count_tokens: Callable[[Any], int] | None = None) -> list:
-    """The training pairs of one ablation model: the curated set, a same-size random sample of
-    the augmented pairs (uncurated), or all of them; every pair without its tag (one tag line).
-    "Same size" is the same number of pairs (the paper's comparison) or, given
+                 count_tokens: Callable[[Any], int] | None = None, source: str | None = None) -> list:
+    """The training pairs of one ablation model: the curated set ("curated"), a same-size random
+    sample of the augmented pairs, uncurated ("random"), the same from the pairs whose text came
+    from ``source`` only ("oracle"), or all of them ("all"); every pair without its tag (one tag
+    line). "Same size" is the same number of pairs (the paper's comparison) or, given
     ``count_tokens(pair)``, as many answer tokens to train on (for a rater that prefers short or
     long answers: then the two sets differ in which pairs, not in how much text)."""
 
@@ -38,18 +45,36 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
         raise DataError(f"{curated}: the curated set is empty, so there is nothing to compare (lower --threshold)")
     if which == "curated":
         return kept
+    pool = untagged(augmented)
+    if which == "oracle":
+        sources = Counter(p.source or "?" for p in pool)
+        pool = [p for p in pool if p.source == source]
+        if not pool:
+            raise DataError(f"{augmented}: no pair comes from source {source!r} (its sources: "
+                            + ", ".join(f"{s} {n}" for s, n in sources.most_common()) + ")")
     if count_tokens is not None:
-        return sample_to_budget(untagged(augmented), sum(map(count_tokens, kept)), count_tokens, seed)
-    return sample(untagged(augmented), len(kept), seed)
+        budget = sum(map(count_tokens, kept))
+        chosen = sample_to_budget(pool, budget, count_tokens, seed)
+        short = sum(map(count_tokens, chosen)) < budget
+    else:
+        chosen = sample(pool, len(kept), seed)
+        short = len(chosen) < len(kept)
+    if short and which == "oracle":  # a smaller set would compare quantity again: the ablation holds it fixed
+        raise DataError(f"{augmented}: source {source!r} has too few pairs ({len(pool)}) for a set as large as "
+                        f"the curated one ({len(kept)} pairs): sample more texts from it (--n-unlabelled)")
+    return chosen
 
 
-def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match: str = "pairs") -> str:
+def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match: str = "pairs",
+                   oracle: str | None = None) -> str:
     """ablation.md: one row per training set (its size and where its texts came from) from
-    evaluate.py's eval.json, and whether curated beat random by more than the held-out sample's noise."""
+    evaluate.py's eval.json, and whether curated beat random by more than the held-out sample's
+    noise (and, with an (e) trained on source ``oracle`` only, whether that control did)."""
     report = json.loads(eval_json.read_text())
     what = {"ablate-curated": "(a) curated (rated >= threshold)", "ablate-random": "(b) random, same size, uncurated",
             "ablate-all": "(c) all augmented", "m0": "(d) seed only (M0, without --ablation-train-args)",
-            "base": "base model, no adapter"}
+            "base": "base model, no adapter",
+            "ablate-oracle": f"(e) control: random, same size, {oracle} texts only (a rater keeping just those)"}
     if match == "tokens":
         what["ablate-random"] = "(b) random, as many answer tokens as (a), uncurated"
     if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
@@ -84,47 +109,63 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
             + (f"; wins/losses/ties against the base model's answers, judged in both orders by {judge}.\n"
                if judge and judge != "none" else ".\n"))
     draws = [Path(a).parent.name for a in adapters if Path(a).parent.name.startswith("ablate-random")]
-    per_pair = {}
-    for label in ["ablate-curated", *draws]:
-        f = eval_json.parent / f"forward_{label}.jsonl"
-        if f.exists():  # joined on the held-out pair's id, not on row order
-            per_pair[label] = {r["id"]: (r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
-                               if "reference_nll_sum" in r}
-    if not draws or len(per_pair) != 1 + len(draws) or not all(per_pair.values()):
-        return text
-    ids = [i for i in per_pair["ablate-curated"] if all(i in per_pair[d] for d in draws)]
-    try:
-        g = nll_gap_to_draws([per_pair["ablate-curated"][i] for i in ids], [[per_pair[d][i] for i in ids]
-                                                                          for d in draws])
-    except ValueError as e:  # the table above still stands without this line
-        return text + f"\n(a) - (b): not compared ({e}).\n"
-    interval = (f"95% bootstrap interval over the {g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; "
-                f"(a) lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on {g['a_better']} "
-                f"of {g['n']} answers")
-    k = len(draws)
     claim = "the paper's claim" if match == "pairs" else "with as many answer tokens"
+    text += compare_to_draws(eval_json.parent, "ablate-curated", "(a)", draws, claim)[0]
+    if any(Path(a).parent.name == "ablate-oracle" for a in adapters):
+        sentence, lower = compare_to_draws(eval_json.parent, "ablate-oracle", "(e)", draws,
+                                           f"the control, {oracle} texts only")
+        text += sentence
+        if sentence and not lower:
+            text += (f"\nSo these held-out answers do not reward training on {oracle} texts rather than on a random "
+                     f"mix at this scale: (a) vs (b) cannot show a rater's choice helping here, whatever the rater "
+                     f"(a bigger model, more training or another held-out set might).\n")
+    return text
+
+
+def compare_to_draws(folder: Path, label: str, name: str, draws: list[str], claim: str) -> tuple[str, bool]:
+    """The sentence of ablation.md that compares model ``label`` (called ``name``: "(a)") with the
+    random draws of (b), from evaluate.py's per-answer rows in ``folder`` ("" if there is nothing
+    to compare), and whether it found ``label`` lower. Two kinds of luck must both be ruled out before a verdict: which held-out answers
+    were drawn (a bootstrap interval) and which pairs/seed the random set drew (is it better than
+    every one of the K draws?)."""
+    per_pair = {}
+    for x in [label, *draws]:
+        f = folder / f"forward_{x}.jsonl"
+        if f.exists():  # joined on the held-out pair's id, not on row order
+            per_pair[x] = {r["id"]: (r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
+                           if "reference_nll_sum" in r}
+    if not draws or len(per_pair) != 1 + len(draws) or not all(per_pair.values()):
+        return "", False
+    ids = [i for i in per_pair[label] if all(i in per_pair[d] for d in draws)]
+    try:
+        g = nll_gap_to_draws([per_pair[label][i] for i in ids], [[per_pair[d][i] for i in ids] for d in draws])
+    except ValueError as e:  # the table above still stands without this line
+        return f"\n{name} - (b): not compared ({e}).\n", False
+    interval = (f"95% bootstrap interval over the {g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; "
+                f"{name} lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on "
+                f"{g['a_better']} of {g['n']} answers")
+    k = len(draws)
     if k == 1:
-        verdict = ("(a) lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
+        verdict = (f"{name} lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
                    else "not shown: the gap is within the noise of which answers were drawn")
         # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
         # training seed: another random sample of the same size can differ by as much.
-        return text + (f"\n(a) - (b), {claim}: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for "
-                       f"these two trained models (one random draw of (b), one training seed; --ablation-draws K "
-                       f"trains K).\n")
-    # Two kinds of luck, both must be ruled out: which held-out answers were drawn (the interval)
-    # and which pairs/seed the random set drew (does (a) beat every one of the K draws?). Even then,
-    # K draws leave (a) below all of them by luck about 1 time in K + 1.
+        return (f"\n{name} - (b), {claim}: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for these two "
+                f"trained models (one random draw of (b), one training seed; --ablation-draws K trains K).\n",
+                g["high"] < 0)
+    # Even when both are ruled out, K draws leave one model below all of them by luck about
+    # 1 time in K + 1.
     m = g["a_lower_than"]
     lower, higher = m == k and g["high"] < 0, m == 0 and g["low"] > 0
     if lower or higher:
-        verdict = (f"(a) {'lower' if lower else 'higher'} than every one of the {k} draws, and than their mean "
-                   f"beyond the answers' noise; if curation made no difference this would still happen by luck "
-                   f"about 1 time in {k + 1}")
+        verdict = (f"{name} {'lower' if lower else 'higher'} than every one of the {k} draws, and than their mean "
+                   f"beyond the answers' noise; if the choice of pairs made no difference this would still happen "
+                   f"by luck about 1 time in {k + 1}")
     else:
-        verdict = (f"not shown: (a) is lower than {m} of the {k} draws"
+        verdict = (f"not shown: {name} is lower than {m} of the {k} draws"
                    + ("" if m not in (0, k) else ", but the gap to their mean is within the answers' noise"))
     mean = sum(g["draw_nll"]) / k
-    return text + (f"\n(a) - (b), {claim}, over {k} random draws of (b) (draw k: sample and training seed "
-                   f"SEED+k-1; (a) trains with SEED): (a) {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd "
-                   f"{g['draw_sd']:.4f}, range {min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); (a) - mean (b) "
-                   f"{g['gap']:+.4f} ({interval}). Verdict: {verdict}.\n")
+    return (f"\n{name} - (b), {claim}, over {k} random draws of (b) (draw k: sample and training seed SEED+k-1; "
+            f"{name} trains with SEED): {name} {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd {g['draw_sd']:.4f}, "
+            f"range {min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); {name} - mean (b) {g['gap']:+.4f} "
+            f"({interval}). Verdict: {verdict}.\n", lower)

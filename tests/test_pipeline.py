@@ -126,6 +126,21 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
             assert sum(sizes) >= trained["ablate-curated"] > sum(sizes) - max(sizes)
     assert "(b) random, as many answer tokens as (a), uncurated, draw 1" in (work / "ablation/ablation.md").read_text()
 
+    # --ablation-oracle SOURCE adds the control (e): as (b), from SOURCE's texts only; nothing else retrains
+    assert pipeline.main(argv + ["--ablation-match", "tokens", "--ablation-oracle", "nosuch"]) == 2
+    assert "no pair comes from source 'nosuch' (its sources: demo" in capsys.readouterr().err
+    assert pipeline.main(argv + ["--ablation-match", "tokens", "--ablation-oracle", "demo"]) == 0
+    final = manifests(work)
+    assert all(final[n] == again[n] for n in ("ablate-curated", *draws, "ablate-all"))
+    oracle = read_pairs(work / "ablate-oracle/data/train.jsonl")
+    assert {p.source for p in oracle} == {"demo"} and sum(map(count, oracle)) >= trained["ablate-curated"]
+    assert json.loads((work / "ablate-oracle/manifest.json").read_text())["config"]["source"] == "demo"
+    report = json.loads((work / "ablation/eval.json").read_text())
+    assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", *draws, "ablate-oracle",
+                                                      "ablate-all", "m0"]
+    table = (work / "ablation/ablation.md").read_text()
+    assert "(e) control: random, same size, demo texts only" in table and "(e) - (b), the control, demo texts" in table
+
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):
     work = tmp_path / "run"
@@ -204,10 +219,11 @@ def test_heldout_files_are_hashed_only_when_local(tmp_path):
 
 
 def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):
-    for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"]):
+    for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"], ["--ablation-oracle", "lima"]):
         with pytest.raises(SystemExit) as e:
             pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--ablation-draws must be >= 1, got 0" in err and "--ablation-draws and --ablation-match shape the ablation: add --ablation" in err
+    assert "--ablation-oracle adds a control to the ablation: add --ablation" in err
     assert not (tmp_path / "run").exists()

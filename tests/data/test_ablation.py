@@ -26,14 +26,15 @@ def test_ablation_draws_differ_by_seed(tmp_path):
     assert len(draws[0]) == 5 and draws[0] != draws[1] and draws[0] == draws[2]
 
 
-def _ablation_dir(tmp_path, curated, *random):
-    """A hand-made ablation folder: eval.json plus per-answer NLLs for (a) and each draw of (b),
-    given as {id: (summed -log p, tokens)}."""
+def _ablation_dir(tmp_path, curated, *random, oracle=None):
+    """A hand-made ablation folder: eval.json plus per-answer NLLs for (a), each draw of (b) and
+    optionally the control (e), given as {id: (summed -log p, tokens)}."""
     from data.pairs import Pair, write_jsonl_atomic
     out = tmp_path / "ablation"
     out.mkdir(parents=True)
     adapters = []
     names = ["ablate-curated"] + ["ablate-random" + (f"-{k + 1}" if k else "") for k in range(len(random))]
+    names += ["ablate-oracle"] if oracle is not None else []
     for name in names:
         source = "lima" if name == "ablate-curated" else "web"
         write_jsonl_atomic(tmp_path / name / "data/train.jsonl", [Pair(f"{name}-{i}", "q", "o", source) for i in range(3)])
@@ -43,7 +44,7 @@ def _ablation_dir(tmp_path, curated, *random):
     (out / "eval.json").write_text(json.dumps({
         "forward": [{"model": "base", "nll": 2.5}] + [{"model": n, "nll": 2.0} for n in names],
         "heldout": {"n": 3, "spec": "held.jsonl"}, "settings": {"judge": "none"}}))
-    for name, per in zip(names, (curated, *random)):
+    for name, per in zip(names, (curated, *random, oracle)):
         with open(out / f"forward_{name}.jsonl", "w") as f:
             for i, (s, t) in per.items():
                 f.write(json.dumps({"id": i, "reference_nll_sum": s, "reference_tokens": t}) + "\n")
@@ -94,3 +95,37 @@ def test_ablation_table_keeps_the_table_when_answers_cannot_be_compared(tmp_path
     eval_json, adapters = _ablation_dir(tmp_path, {"x": (10.0, 10)}, {"x": (10.0, 11)})  # tokenized differently
     table = ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
     assert "| (a) curated" in table and "(a) - (b): not compared (reference 0: 10 tokens under A but 11" in table
+
+
+def test_oracle_set_draws_the_same_size_from_one_source_only(tmp_path):
+    from data.pairs import DataError, Pair, write_jsonl_atomic
+    pool = [Pair(f"l{i}", "q", "o" * (i + 1), "lima") for i in range(6)] + \
+        [Pair(f"w{i}", "q", "o" * 50, "web") for i in range(20)]
+    write_jsonl_atomic(tmp_path / "augmented.jsonl", pool)
+    write_jsonl_atomic(tmp_path / "curated.jsonl", [pool[0], pool[10], pool[11], pool[12]])
+    args = (tmp_path / "augmented.jsonl", tmp_path / "curated.jsonl", 0)
+    oracle = ablation_set("oracle", *args, source="lima")
+    assert len(oracle) == 4 and {p.source for p in oracle} == {"lima"}
+    assert all("tag" not in p.meta for p in oracle)
+    # as many answer characters as (a): 1 + 3 * 50, more than all 6 lima texts hold (21): refused, not shrunk
+    with pytest.raises(DataError, match=r"source 'lima' has too few pairs \(6\) for a set as large as the curated"):
+        ablation_set("oracle", *args, count_tokens=lambda p: len(p.output), source="lima")
+    assert sum(len(p.output) for p in ablation_set("oracle", *args, count_tokens=lambda p: len(p.output),
+                                                   source="web")) >= 151
+    with pytest.raises(DataError, match=r"no pair comes from source 'c4' \(its sources: web 20, lima 6\)"):
+        ablation_set("oracle", *args, source="c4")
+
+
+def test_ablation_table_reads_the_oracle_control(tmp_path):
+    answers = {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)}
+
+    def shifted(by):
+        return {i: (s + by * t, t) for i, (s, t) in answers.items()}
+    for oracle, says_metric_is_blind in ((shifted(-1.0), False), (shifted(0.0), True)):
+        folder = tmp_path / str(says_metric_is_blind)
+        eval_json, adapters = _ablation_dir(folder, answers, shifted(0.1), shifted(-0.1), oracle=oracle)
+        table = ablation_table(eval_json, adapters, tmp_path / "unused.jsonl", oracle="lima")
+        assert "| (e) control: random, same size, lima texts only (a rater keeping just those) |" in table
+        assert "(e) - (b), the control, lima texts only, over 2 random draws" in table
+        assert ("Verdict: (e) lower than every one of the 2 draws" in table) != says_metric_is_blind
+        assert ("do not reward training on lima texts" in table) == says_metric_is_blind
