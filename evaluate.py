@@ -17,7 +17,8 @@ the same way (the adapter is loaded into the base and taken out again, so one ba
                        same answers, instructions shuffled); ranking AUC of the 1-5 scores, of the
                        log-prob expected scores and of the likelihood gain the instruction gives the
                        output (no prompt), score histograms, rate of readable "Score: N" lines.
-                       --rater base rates with the base model alone.
+                       --rater base rates with the base model alone; --rater-model MODEL rates with
+                       another (e.g. bigger) model, alone or with its own adapter.
   --forward ADAPTER    answering: NLL per token of the human answers, and how often a judge (default:
                        the base model itself, prompted to compare) prefers the adapter's answers to
                        the base's, both orders judged. Repeat the flag to compare several adapters
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None,
                    help="bf16 / fp32 / fp16 (default: bf16 on a GPU, with nf4, or on a CPU with native bf16; else fp32)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    g.add_argument("--rater-model", default=None,
+                   help="rate (--rater) with this model instead of --model: folder or hub id, loaded like --model, "
+                        "e.g. a bigger chat model when the trained one is too small to follow the rating prompt; "
+                        "--rater then names an adapter of it, or 'base' for it alone")
     g.add_argument("--judge", default=None,
                    help="judge model for --forward (folder or hub id, loaded like --model); default: the base model")
     g.add_argument("--no-judge", action="store_true", help="skip the pairwise preference (NLL only)")
@@ -335,7 +340,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "BLEU (corpus, 0-100, sacrebleu's 13a tokens) and ROUGE-L (mean F, 0-1) of the generated "
                   "instruction against the human one; `empty`: generations with no instruction left after cleaning."]
     if report.get("rater"):
-        parts += ["", "## Rater: real vs mismatched pairs", "",
+        rater_model = report["settings"].get("rater_model", report["model"])
+        parts += ["", "## Rater: real vs mismatched pairs"
+                  + ("" if rater_model == report["model"] else f" (rater model: {rater_model})"), "",
                   markdown_table(report["rater"], RATER_COLUMNS), "",
                   "AUC: probability that a real pair scores above a mismatched one (its instruction swapped with "
                   "another pair's), ties 1/2; 0.5 = chance. *expected score*: sum of s * p(s) over the log-probs "
@@ -451,26 +458,26 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         pairs, heldout = load_heldout(args, adapters)
 
-        model, tok = load_for_inference(argparse.Namespace(model=args.model, quantize=args.quantize, dtype=args.dtype,
-                                                           device=args.device, adapter=None))
+        def load(name: str) -> tuple[Any, Any]:  # --model, --rater-model and --judge load alike
+            return load_for_inference(argparse.Namespace(model=name, quantize=args.quantize, dtype=args.dtype,
+                                                         device=args.device, adapter=None))
+        own_rater = bool(args.rater_model) and args.rater_model != args.model
+        model, tok = load(args.model) if args.backward or forward or not own_rater else (None, None)
         judge = None
         if forward and not args.no_judge:
-            if args.judge:
-                judge_model, judge_tok = load_for_inference(argparse.Namespace(
-                    model=args.judge, quantize=args.quantize, dtype=args.dtype, device=args.device, adapter=None))
-                judge = ModelFns(judge_model, judge_tok, args)
-            else:
-                judge = ModelFns(model, tok, args)
+            judge = ModelFns(*load(args.judge), args) if args.judge else ModelFns(model, tok, args)
         settings = {k: getattr(args, k) for k in ("seed", "n", "k_shot", "tag", "temperature", "top_p",
                                                   "instruction_tokens", "rating_tokens", "answer_tokens",
                                                   "max_output_chars", "quantize")}
         settings["judge"] = "none" if args.no_judge else (args.judge or f"the base model ({args.model})")
+        settings["rater_model"] = args.rater_model or args.model
         report: dict[str, Any] = dict(model=args.model, heldout=heldout, settings=settings)
         t0 = time.perf_counter()
         if args.backward:
             report["backward"] = evaluate_backward_models(model, tok, args.backward, pairs, args, out)
         if args.rater:
-            report["rater"] = evaluate_rater_models(model, tok, args.rater, pairs, args, out)
+            rater = load(args.rater_model) if own_rater else (model, tok)
+            report["rater"] = evaluate_rater_models(*rater, args.rater, pairs, args, out)
         if forward:
             report["forward"] = evaluate_forward_models(model, tok, forward, pairs, args, out, judge)
         report["time_s"] = round(time.perf_counter() - t0, 1)

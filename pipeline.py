@@ -17,6 +17,7 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
   m0         seed model M0: forward model on the seed pairs, tag "seed"           (train.py)
   augment    self-augmentation: the backward model writes an instruction per text (generate.py)
   curate     self-curation: M0 rates each pair 1-5 (Table 1 prompt + few-shot)   (curate.py)
+             (--rater-model MODEL: that model alone rates instead, e.g. a bigger chat model)
   forward    M1 on seed (tag seed) + curated (tag augmented) pairs               (train.py)
   respond    M1 answers the held-out prompts; 5 are printed                       (generate.py)
   (paper preset, iteration 2: curate2 with M1 as the rater, forward2 = M2, respond2)
@@ -75,6 +76,7 @@ class Preset:
     respond: list[str] = field(default_factory=list)
     heldout: str | None = None          # pairs for the evaluate stage (none: no evaluate stage)
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
+    rater_model: str | None = None      # rate with this model alone, not with M0 (M1 in iteration 2)
 
 
 GUANACO_EVAL = "guanaco:timdettmers/openassistant-guanaco/openassistant_best_replies_eval.jsonl"
@@ -141,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-unlabelled", type=int, help="sample this many unlabelled texts from each source")
     g.add_argument("--threshold", type=int, choices=range(1, 6), help="keep pairs rated >= this (paper: 5)")
     g.add_argument("--k-shot", type=int, choices=range(0, 6), help="few-shot examples in the rating prompt")
+    g.add_argument("--rater-model", metavar="MODEL",
+                   help="self-curation rater: this model alone (folder or hub id, quantized like --model) instead "
+                        "of the seed model M0, e.g. a bigger chat model when the base is too small to follow the "
+                        "Table 1 prompt; the evaluate stage then measures this rater. Not the paper's method, "
+                        "which rates with M0 itself")
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
     g.add_argument("--forward-data", choices=["seed+curated", "curated"], help="what the forward model trains on")
     g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")
@@ -181,7 +188,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     over = {k: v for k, v in dict(model=args.model, seed_data=args.seed_data, unlabelled=args.unlabelled,
                                   test_prompts=args.test_prompts, n_seed=args.n_seed, n_unlabelled=args.n_unlabelled,
                                   threshold=args.threshold, k_shot=args.k_shot, iterations=args.iterations,
-                                  forward_data=args.forward_data).items() if v is not None}
+                                  forward_data=args.forward_data, rater_model=args.rater_model).items()
+            if v is not None}
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
     if args.heldout:
@@ -202,13 +210,20 @@ def call(script: str, argv: list[str]) -> None:
     """Run one of our scripts' main(argv) in this process, printing the equivalent command."""
     print("$ python " + script + ".py " + " ".join(shlex.quote(a) for a in argv), flush=True)
     module = __import__(script)
-    rc = module.main(argv)
+    prog, sys.argv[0] = sys.argv[0], script + ".py"  # argparse names the script whose flag is wrong
+    try:
+        rc = module.main(argv)
+    except SystemExit as e:  # argparse rejected a flag (e.g. from --train-args): end like any failed stage
+        rc = e.code
+    finally:
+        sys.argv[0] = prog
     if rc:
         raise StageFailed(f"{script}.py exited with status {rc}")
 
 
-def model_flags(pre: Preset, device: str | None) -> list[str]:
-    flags = ["--model", pre.model]
+def model_flags(pre: Preset, device: str | None, model: str | None = None) -> list[str]:
+    """--model (``model``, default the preset's), --quantize and --device for our scripts."""
+    flags = ["--model", model or pre.model]
     if pre.quantize:
         flags += ["--quantize", pre.quantize]
     if device:
@@ -338,13 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                             "train": pre.train, "seed": args.seed}, [data], body) / "adapter"
 
     def curate_stage(name: str, rater: Path, augmented: Path) -> Path:
+        """Rate with adapter ``rater`` (M0, or M1 in iteration 2) on the base, or with --rater-model alone."""
+        who = model_flags(pre, args.device, pre.rater_model) if pre.rater_model else mflags + ["--adapter", str(rater)]
+
         def body(d: Path) -> list[str]:
-            call("curate", mflags + ["--adapter", str(rater), "--pairs", str(augmented), "--out", str(d / "rated.jsonl"),
-                                     "--curated", str(d / "curated.jsonl"), "--threshold", str(pre.threshold),
-                                     "--k-shot", str(pre.k_shot), "--seed", str(args.seed)] + pre.curate + quiet)
+            call("curate", who + ["--pairs", str(augmented), "--out", str(d / "rated.jsonl"),
+                                  "--curated", str(d / "curated.jsonl"), "--threshold", str(pre.threshold),
+                                  "--k-shot", str(pre.k_shot), "--seed", str(args.seed)] + pre.curate + quiet)
             return ["rated.jsonl", "curated.jsonl"]
-        return stage(name, {"model": pre.model, "threshold": pre.threshold, "k_shot": pre.k_shot,
-                            "curate": pre.curate}, [rater, augmented], body)
+        config = {"model": pre.model, "threshold": pre.threshold, "k_shot": pre.k_shot, "curate": pre.curate}
+        if pre.rater_model:  # absent by default: older runs stay cached
+            config["rater_model"] = pre.rater_model
+        return stage(name, config, [augmented] if pre.rater_model else [rater, augmented], body)
 
     def respond_stage(name: str, adapter: Path, tests: Path) -> Path:
         def body(d: Path) -> list[str]:
@@ -393,11 +413,15 @@ def main(argv: list[str] | None = None) -> int:
                 respond_stage("respond" + suffix, fdir / "adapter", tests)
         if "evaluate" in stages and last >= stages.index("evaluate"):
             def eval_body(d: Path) -> list[str]:
-                evaluate(["--backward", str(backward), "--rater", str(m0)]
+                rates = ["--rater", "base", "--rater-model", pre.rater_model] if pre.rater_model \
+                    else ["--rater", str(m0)]
+                evaluate(["--backward", str(backward)] + rates
                          + [x for a in [m0, *forward_adapters] for x in ("--forward", str(a))], d)
                 return ["eval.json", "eval.md"]
-            stage("evaluate", {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed},
-                  [backward, m0, *forward_adapters, *heldout_files(pre.heldout)], eval_body)
+            config = {"model": pre.model, "heldout": pre.heldout, "evaluate": eval_flags, "seed": args.seed}
+            if pre.rater_model:
+                config["rater_model"] = pre.rater_model
+            stage("evaluate", config, [backward, m0, *forward_adapters, *heldout_files(pre.heldout)], eval_body)
         if args.ablation and last >= stages.index("ablate-curated"):
             # The paper's quality-vs-quantity ablation (its section 4.3, in miniature): forward models
             # trained the same way on different pairs, each prompted with the seed tag line, compared on
@@ -500,7 +524,8 @@ def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dir
     cdir = curated_dirs[-1]
     rows = read_rated(cdir / "rated.jsonl")
     info = dict(unlabelled=" + ".join(pre.unlabelled), backward_model=f"{pre.model} + backward LoRA",
-                rater="seed model M0", threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
+                rater=pre.rater_model or "seed model M0", threshold=pre.threshold, rated=len(rows),
+                histogram=histogram(rows),
                 kept=sum(1 for _ in open(cdir / "curated.jsonl")))
     try:
         publish_dataset(cdir / "curated.jsonl", f"{prefix}-curated", info, work / "hub" / "curated")

@@ -88,18 +88,19 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
         pairs = read_pairs(data if data.exists() else seed_file)
         sizes[label] = len(pairs)
         # Same size in pairs is not the same amount of training: a rater that prefers short answers
-        # gives fewer answer tokens (train.py counts those every step saw: after --eval-frac, truncated
-        # to --max-len, one EOS per pair; adapters trained before it counted that, one pass over the split).
+        # gives fewer answer tokens (train.py counts them after --eval-frac, truncated to --max-len, one
+        # EOS per pair: one pass over its split, and what all its steps saw; adapters trained before
+        # that second count existed have only the first).
         cfg = json.loads((Path(a).parent / "train_config.json").read_text()) \
             if (Path(a).parent / "train_config.json").exists() else {}
-        tokens[label] = cfg.get("target_tokens_trained",
-                                f"{cfg['target_tokens']} per epoch" if "target_tokens" in cfg else "-")
+        tokens[label] = (cfg.get("target_tokens", "-"), cfg.get("target_tokens_trained", "-"))
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in pairs).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
-                 tokens=tokens.get(row["model"], "-"), sources=sources.get(row["model"], "-"))
+                 epoch_tokens=tokens.get(row["model"], "--")[0], all_tokens=tokens.get(row["model"], "--")[1],
+                 sources=sources.get(row["model"], "-"))
             for row in report["forward"]]
-    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("tokens", "answer tokens trained on", ""),
-               ("sources", "texts from", ""),
+    columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("epoch_tokens", "answer tokens per epoch", ""),
+               ("all_tokens", "answer tokens, all steps", ""), ("sources", "texts from", ""),
                ("nll", "held-out NLL/token", ".3f"), ("wins", "wins", ""), ("losses", "losses", ""),
                ("ties", "ties", ""), ("win_rate", "win rate", ".2f")]
     h = report["heldout"]
@@ -125,9 +126,9 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
 def compare_to_draws(folder: Path, label: str, name: str, draws: list[str], claim: str) -> tuple[str, bool]:
     """The sentence of ablation.md that compares model ``label`` (called ``name``: "(a)") with the
     random draws of (b), from evaluate.py's per-answer rows in ``folder`` ("" if there is nothing
-    to compare), and whether it found ``label`` lower. Two kinds of luck must both be ruled out before a verdict: which held-out answers
-    were drawn (a bootstrap interval) and which pairs/seed the random set drew (is it better than
-    every one of the K draws?)."""
+    to compare), and whether it found ``label`` lower. Two kinds of luck must both be ruled out
+    before a verdict: which held-out answers were drawn (a bootstrap interval) and which pairs and
+    seed the random set drew (is it better than every one of the K draws?)."""
     per_pair = {}
     for x in [label, *draws]:
         f = folder / f"forward_{x}.jsonl"

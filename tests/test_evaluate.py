@@ -380,3 +380,21 @@ def test_usage_errors(setup: dict[str, Path], tmp_path: Path, capsys: pytest.Cap
     assert "needs the backward model" in capsys.readouterr().err
     assert evaluate.main(["--forward", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_rater_model_rates_with_another_model(setup: dict[str, Path], tmp_path: Path) -> None:
+    # "a stronger rater": --rater-model loads a second model for --rater only. Its rows must be the
+    # ones that model gives when it is --model itself, and not the ones --model gives.
+    from tests.tiny import make_tiny
+    other = make_tiny(tmp_path / "other", seed=7)
+    common = ["--rater", "base", "--heldout", str(setup["heldout"]), "--n", "3", *SMALL]
+
+    def rater_rows(out: Path, *model_flags: str) -> list[dict]:
+        assert evaluate.main([*model_flags, *common, "--out", str(out)]) == 0
+        return [json.loads(line) for line in (out / "rater_base.jsonl").read_text().splitlines()]
+    via_flag = rater_rows(tmp_path / "flag", "--model", str(setup["tiny"]), "--rater-model", str(other))
+    assert via_flag == rater_rows(tmp_path / "direct", "--model", str(other))
+    assert via_flag != rater_rows(tmp_path / "own", "--model", str(setup["tiny"]))
+    report = json.loads((tmp_path / "flag" / "eval.json").read_text())
+    assert report["settings"]["rater_model"] == str(other)
+    assert f"## Rater: real vs mismatched pairs (rater model: {other})" in (tmp_path / "flag" / "eval.md").read_text()

@@ -67,6 +67,19 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
     assert [r["model"] for r in report["forward"]] == ["base", "m0", "forward"]
     assert report["backward"] and report["rater"] and report["heldout"]["n"] == 4
 
+    # --rater-model: another model alone rates (no M0 adapter), and the evaluate stage measures that rater
+    other = str(make_tiny(tmp_path / "rater", seed=5, hidden_size=64, intermediate_size=128))
+    capsys.readouterr()
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--rater-model", other] + FAST) == 0
+    printed = capsys.readouterr().out
+    curate_cmd = next(line for line in printed.splitlines() if line.startswith("$ python curate.py"))
+    assert f"--model {other}" in curate_cmd and "--adapter" not in curate_cmd
+    rerun = manifests(work)
+    assert all(rerun[n] == after[n] for n in ("data", "backward", "m0", "augment"))
+    assert rerun["curate"] != after["curate"] and rerun["evaluate"] != after["evaluate"]
+    report = json.loads((work / "evaluate/eval.json").read_text())
+    assert report["settings"]["rater_model"] == other and [r["model"] for r in report["rater"]] == ["base"]
+
 
 def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys):
     work = tmp_path / "run"
@@ -87,10 +100,11 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     table = (work / "ablation/ablation.md").read_text()
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
     assert "(b) random, draw 2" in table
-    assert "texts from" in table and "demo" in table and "answer tokens trained on" in table  # what each set holds
+    assert "texts from" in table and "demo" in table and "answer tokens per epoch" in table  # what each set holds
     assert "over 2 random draws of (b)" in table and "1 time in 3" in table  # compared with both draws
-    tokens = json.loads((work / "ablate-all/train_config.json").read_text())["target_tokens_trained"]
-    assert f"| {len(augmented)} | {tokens} |" in table  # (c): its pairs, then the answer tokens its steps saw
+    cfg = json.loads((work / "ablate-all/train_config.json").read_text())
+    # (c): its pairs, the answer tokens of one pass over its split, and those all its steps saw
+    assert f"| {len(augmented)} | {cfg['target_tokens']} | {cfg['target_tokens_trained']} |" in table
     rows = read_jsonl(work / "ablation/forward_ablate-curated.jsonl")
     assert all(r["reference_tokens"] > 0 and r["reference_nll_sum"] > 0 for r in rows)
 
@@ -208,6 +222,15 @@ def test_stage_flags_that_cannot_work_fail_in_one_line(tiny, tmp_path, capsys):
                          + FAST) == 2
     err = capsys.readouterr().err
     assert "--until evaluate: this run has no such stage" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_flag_a_script_rejects_ends_the_run_naming_that_script(tiny, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--train-args=--no-such-flag"] + FAST[:2]) == 1
+    err = capsys.readouterr().err
+    assert "train.py: error: unrecognized arguments: --no-such-flag" in err
+    assert err.strip().endswith("error: train.py exited with status 2")
+    assert (work / "data/manifest.json").exists() and not (work / "backward/manifest.json").exists()
 
 
 def test_heldout_files_are_hashed_only_when_local(tmp_path):

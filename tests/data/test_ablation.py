@@ -56,12 +56,12 @@ def test_ablation_table_pairs_answers_by_id_and_reports_the_gap(tmp_path):
     eval_json, adapters = _ablation_dir(tmp_path, {"x": (10.0, 10), "y": (20.0, 20), "z": (5.0, 5)},
                                         {"z": (10.0, 5), "y": (40.0, 20), "x": (20.0, 10)})
     table = ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
-    assert "| 3 | 369 | lima 3 |" in table and "| 3 | 369 | web 3 |" in table
+    assert "| 3 | 123 | 369 | lima 3 |" in table and "| 3 | 123 | 369 | web 3 |" in table
     assert "NLL/token -1.0000" in table and "[-1.0000, -1.0000]" in table and "(a) lower than (b) on 3 of 3 answers): (a) lower" in table
     assert "judged" not in table  # no judge: no judge sentence
-    # an adapter trained before target_tokens_trained existed shows its one-pass count, labelled
+    # an adapter trained before target_tokens_trained existed shows only its one-pass count
     (tmp_path / "ablate-random/train_config.json").write_text(json.dumps({"target_tokens": 123}))
-    assert "| 3 | 123 per epoch | web 3 |" in ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
+    assert "| 3 | 123 | - | web 3 |" in ablation_table(eval_json, adapters, tmp_path / "unused.jsonl")
 
 
 def test_ablation_table_over_several_draws_needs_a_to_beat_every_draw(tmp_path):
