@@ -133,6 +133,17 @@ class ModelFns:
         return choice_scorer(self.model, self.tok, batch_size=self.args.batch_size)
 
 
+def free_accelerator_memory() -> None:
+    """Collect what no name holds any more and hand CUDA's cached blocks back, so the next model
+    loaded finds the memory of one that is done (two 7B-class models rarely fit side by side)."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextmanager
 def adapter_loaded(model: Any, folder: str | None) -> Iterator[Any]:
     """Inside the block the model runs with the LoRA adapter in ``folder`` (or as the plain base
@@ -398,9 +409,10 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
         fig, axes = plt.subplots(1, panels, figsize=(panels * (2 + 1.1 * len(forward)), 3.8), squeeze=False)
         axes = axes[0]
         nll = [row["nll"] for row in forward]
-        # the ablation's question at a glance: curated (a) in orange against the random draws of (b) in grey
-        colors = ["tab:orange" if m == "ablate-curated" else "tab:gray" if m.startswith("ablate-random") else "tab:blue"
-                  for m in labels]
+        # the ablation's question at a glance: curated (a) in orange, the control (e) in purple, against
+        # the random draws of (b) in grey
+        special = {"ablate-curated": "tab:orange", "ablate-oracle": "tab:purple"}
+        colors = [special.get(m, "tab:gray" if m.startswith("ablate-random") else "tab:blue") for m in labels]
         bars = axes[0].bar(labels, nll, color=colors)
         axes[0].bar_label(bars, fmt="%.3f", fontsize=8)  # the ablation's differences are a few thousandths
         axes[0].set(title="held-out NLL/token (lower is better)", ylabel="nats/token")
@@ -444,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         forward = args.forward or []
+        if args.rater_model and not args.rater:
+            raise UsageError("--rater-model names the model --rater evaluates: add --rater base (or an adapter of it)")
         if not (args.backward or args.rater or forward):
             raise UsageError("nothing to evaluate: give --backward ADAPTER, --rater ADAPTER|base "
                              "and/or --forward ADAPTER")
@@ -470,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "instruction_tokens", "rating_tokens", "answer_tokens",
                                                   "max_output_chars", "quantize")}
         settings["judge"] = "none" if args.no_judge else (args.judge or f"the base model ({args.model})")
-        settings["rater_model"] = args.rater_model or args.model
+        if args.rater:
+            settings["rater_model"] = args.rater_model or args.model
         report: dict[str, Any] = dict(model=args.model, heldout=heldout, settings=settings)
         t0 = time.perf_counter()
         if args.backward:
@@ -478,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.rater:
             rater = load(args.rater_model) if own_rater else (model, tok)
             report["rater"] = evaluate_rater_models(*rater, args.rater, pairs, args, out)
+            del rater  # a second model's memory is given back before the forward models run
+            if own_rater:
+                free_accelerator_memory()
         if forward:
             report["forward"] = evaluate_forward_models(model, tok, forward, pairs, args, out, judge)
         report["time_s"] = round(time.perf_counter() - t0, 1)

@@ -76,7 +76,7 @@ class Preset:
     respond: list[str] = field(default_factory=list)
     heldout: str | None = None          # pairs for the evaluate stage (none: no evaluate stage)
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
-    rater_model: str | None = None      # rate with this model alone, not with M0 (M1 in iteration 2)
+    rater_model: str | None = None      # rate with this model alone instead of M0 (one iteration only)
 
 
 GUANACO_EVAL = "guanaco:timdettmers/openassistant-guanaco/openassistant_best_replies_eval.jsonl"
@@ -213,8 +213,8 @@ def call(script: str, argv: list[str]) -> None:
     prog, sys.argv[0] = sys.argv[0], script + ".py"  # argparse names the script whose flag is wrong
     try:
         rc = module.main(argv)
-    except SystemExit as e:  # argparse rejected a flag (e.g. from --train-args): end like any failed stage
-        rc = e.code
+    except SystemExit as e:  # argparse rejected a flag (e.g. from --train-args), or --help: the stage made nothing
+        rc = e.code or "0 before doing its work (a --help among its flags?)"
     finally:
         sys.argv[0] = prog
     if rc:
@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation_oracle and not args.ablation:
         parser.error("--ablation-oracle adds a control to the ablation: add --ablation")
     pre = resolve_preset(args)
+    if pre.rater_model and pre.iterations == 2:  # iteration 2 exists to rate with M1; a fixed rater repeats iteration 1
+        parser.error(f"--rater-model replaces the rater of every iteration, so iteration 2 would repeat iteration 1 "
+                     f"(the {args.preset} preset has 2): add --iterations 1")
     from data.ablation import ablation_set, ablation_table
     from data.pairs import DataError, write_jsonl_atomic
     from data.stages import run_stage
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             return ["rated.jsonl", "curated.jsonl"]
         config = {"model": pre.model, "threshold": pre.threshold, "k_shot": pre.k_shot, "curate": pre.curate}
         if pre.rater_model:  # absent by default: older runs stay cached
-            config["rater_model"] = pre.rater_model
+            config |= {"rater_model": pre.rater_model, "rater_quantize": pre.quantize}
         return stage(name, config, [augmented] if pre.rater_model else [rater, augmented], body)
 
     def respond_stage(name: str, adapter: Path, tests: Path) -> Path:
@@ -524,7 +527,8 @@ def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dir
     cdir = curated_dirs[-1]
     rows = read_rated(cdir / "rated.jsonl")
     info = dict(unlabelled=" + ".join(pre.unlabelled), backward_model=f"{pre.model} + backward LoRA",
-                rater=pre.rater_model or "seed model M0", threshold=pre.threshold, rated=len(rows),
+                rater=pre.rater_model or ("seed model M0" if len(curated_dirs) == 1 else "M1 (iteration 2)"),
+                threshold=pre.threshold, rated=len(rows),
                 histogram=histogram(rows),
                 kept=sum(1 for _ in open(cdir / "curated.jsonl")))
     try:

@@ -48,20 +48,23 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
     pool = untagged(augmented)
     if which == "oracle":
         sources = Counter(p.source or "?" for p in pool)
+        listed = ", ".join(f"{s} {n}" for s, n in sources.most_common())
         pool = [p for p in pool if p.source == source]
         if not pool:
-            raise DataError(f"{augmented}: no pair comes from source {source!r} (its sources: "
-                            + ", ".join(f"{s} {n}" for s, n in sources.most_common()) + ")")
+            raise DataError(f"{augmented}: no pair comes from source {source!r} (its sources: {listed})")
+        if len(sources) == 1:  # the same sample as (b)'s first draw: a control that controls nothing
+            raise DataError(f"{augmented}: every pair comes from {source!r}, so a set of its texts only is just "
+                            f"another random set; the control needs a pooled --unlabelled (e.g. lima + web)")
     if count_tokens is not None:
         budget = sum(map(count_tokens, kept))
         chosen = sample_to_budget(pool, budget, count_tokens, seed)
-        short = sum(map(count_tokens, chosen)) < budget
+        have, need, unit = sum(map(count_tokens, chosen)), budget, "answer tokens"
     else:
         chosen = sample(pool, len(kept), seed)
-        short = len(chosen) < len(kept)
-    if short and which == "oracle":  # a smaller set would compare quantity again: the ablation holds it fixed
-        raise DataError(f"{augmented}: source {source!r} has too few pairs ({len(pool)}) for a set as large as "
-                        f"the curated one ({len(kept)} pairs): sample more texts from it (--n-unlabelled)")
+        have, need, unit = len(chosen), len(kept), "pairs"
+    if have < need and which == "oracle":  # a smaller set would compare quantity again: the ablation holds it fixed
+        raise DataError(f"{augmented}: source {source!r} has {have} {unit} in all, fewer than the curated set's "
+                        f"{need}: sample more texts from it (--n-unlabelled)")
     return chosen
 
 
@@ -77,6 +80,7 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
             "ablate-oracle": f"(e) control: random, same size, {oracle} texts only (a rater keeping just those)"}
     if match == "tokens":
         what["ablate-random"] = "(b) random, as many answer tokens as (a), uncurated"
+        what["ablate-oracle"] = f"(e) control: random, as many answer tokens as (a), {oracle} texts only"
     if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
         what["ablate-random"] += ", draw 1"
     what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
@@ -96,8 +100,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
         tokens[label] = (cfg.get("target_tokens", "-"), cfg.get("target_tokens_trained", "-"))
         sources[label] = ", ".join(f"{k} {v}" for k, v in Counter(p.source or "?" for p in pairs).most_common())
     rows = [dict(row, set=what.get(row["model"], row["model"]), pairs=sizes.get(row["model"], "-"),
-                 epoch_tokens=tokens.get(row["model"], "--")[0], all_tokens=tokens.get(row["model"], "--")[1],
-                 sources=sources.get(row["model"], "-"))
+                 epoch_tokens=tokens.get(row["model"], ("-", "-"))[0],
+                 all_tokens=tokens.get(row["model"], ("-", "-"))[1], sources=sources.get(row["model"], "-"))
             for row in report["forward"]]
     columns = [("set", "training set", ""), ("pairs", "pairs", ""), ("epoch_tokens", "answer tokens per epoch", ""),
                ("all_tokens", "answer tokens, all steps", ""), ("sources", "texts from", ""),
@@ -113,20 +117,25 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
     claim = "the paper's claim" if match == "pairs" else "with as many answer tokens"
     text += compare_to_draws(eval_json.parent, "ablate-curated", "(a)", draws, claim)[0]
     if any(Path(a).parent.name == "ablate-oracle" for a in adapters):
-        sentence, lower = compare_to_draws(eval_json.parent, "ablate-oracle", "(e)", draws,
-                                           f"the control, {oracle} texts only")
-        text += sentence
-        if sentence and not lower:
-            text += (f"\nSo these held-out answers do not reward training on {oracle} texts rather than on a random "
-                     f"mix at this scale: (a) vs (b) cannot show a rater's choice helping here, whatever the rater "
-                     f"(a bigger model, more training or another held-out set might).\n")
+        sentence, outcome = compare_to_draws(eval_json.parent, "ablate-oracle", "(e)", draws,
+                                             f"the control, {oracle} texts only")
+        text += sentence + {
+            "lower": f"\nSo this held-out metric does reward {oracle} texts over a random mix: a rater that "
+                     f"picked them would show a gain here.\n",
+            "not shown": f"\nSo there is no evidence that training on {oracle} texts only helps on this held-out "
+                         f"metric: a rater that kept exactly them would not be shown better than random here "
+                         f"either, and (a) vs (b) says little about the rater.\n",
+            "higher": f"\nSo {oracle} texts only train worse than a random mix for these held-out answers: here "
+                      f"{oracle} is not the better source, and this control says nothing about the rater.\n",
+        }.get(outcome, "")
     return text
 
 
-def compare_to_draws(folder: Path, label: str, name: str, draws: list[str], claim: str) -> tuple[str, bool]:
+def compare_to_draws(folder: Path, label: str, name: str, draws: list[str],
+                     claim: str) -> tuple[str, str | None]:
     """The sentence of ablation.md that compares model ``label`` (called ``name``: "(a)") with the
     random draws of (b), from evaluate.py's per-answer rows in ``folder`` ("" if there is nothing
-    to compare), and whether it found ``label`` lower. Two kinds of luck must both be ruled out
+    to compare), and its outcome: "lower", "higher", "not shown", or None when not compared. Two kinds of luck must both be ruled out
     before a verdict: which held-out answers were drawn (a bootstrap interval) and which pairs and
     seed the random set drew (is it better than every one of the K draws?)."""
     per_pair = {}
@@ -136,24 +145,25 @@ def compare_to_draws(folder: Path, label: str, name: str, draws: list[str], clai
             per_pair[x] = {r["id"]: (r["reference_nll_sum"], r["reference_tokens"]) for _, r in iter_jsonl(f)
                            if "reference_nll_sum" in r}
     if not draws or len(per_pair) != 1 + len(draws) or not all(per_pair.values()):
-        return "", False
+        return "", None
     ids = [i for i in per_pair[label] if all(i in per_pair[d] for d in draws)]
     try:
         g = nll_gap_to_draws([per_pair[label][i] for i in ids], [[per_pair[d][i] for i in ids] for d in draws])
     except ValueError as e:  # the table above still stands without this line
-        return f"\n{name} - (b): not compared ({e}).\n", False
+        return f"\n{name} - (b): not compared ({e}).\n", None
     interval = (f"95% bootstrap interval over the {g['n']} held-out answers [{g['low']:+.4f}, {g['high']:+.4f}]; "
                 f"{name} lower than {'(b)' if len(draws) == 1 else 'the draws' + chr(39) + ' mean'} on "
                 f"{g['a_better']} of {g['n']} answers")
     k = len(draws)
     if k == 1:
-        verdict = (f"{name} lower" if g["high"] < 0 else "(b) lower" if g["low"] > 0
-                   else "not shown: the gap is within the noise of which answers were drawn")
+        outcome = "lower" if g["high"] < 0 else "higher" if g["low"] > 0 else "not shown"
+        verdict = {"lower": f"{name} lower", "higher": "(b) lower",
+                   "not shown": "not shown: the gap is within the noise of which answers were drawn"}[outcome]
         # The interval covers which held-out answers were drawn, not which pairs (b) drew or the
         # training seed: another random sample of the same size can differ by as much.
         return (f"\n{name} - (b), {claim}: NLL/token {g['gap']:+.4f} ({interval}): {verdict}, for these two "
                 f"trained models (one random draw of (b), one training seed; --ablation-draws K trains K).\n",
-                g["high"] < 0)
+                outcome)
     # Even when both are ruled out, K draws leave one model below all of them by luck about
     # 1 time in K + 1.
     m = g["a_lower_than"]
@@ -169,4 +179,4 @@ def compare_to_draws(folder: Path, label: str, name: str, draws: list[str], clai
     return (f"\n{name} - (b), {claim}, over {k} random draws of (b) (draw k: sample and training seed SEED+k-1; "
             f"{name} trains with SEED): {name} {g['a_nll']:.3f}, (b) {mean:.3f} on average (sd {g['draw_sd']:.4f}, "
             f"range {min(g['draw_nll']):.3f} to {max(g['draw_nll']):.3f}); {name} - mean (b) {g['gap']:+.4f} "
-            f"({interval}). Verdict: {verdict}.\n", lower)
+            f"({interval}). Verdict: {verdict}.\n", "lower" if lower else "higher" if higher else "not shown")

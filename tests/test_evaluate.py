@@ -398,3 +398,10 @@ def test_rater_model_rates_with_another_model(setup: dict[str, Path], tmp_path: 
     report = json.loads((tmp_path / "flag" / "eval.json").read_text())
     assert report["settings"]["rater_model"] == str(other)
     assert f"## Rater: real vs mismatched pairs (rater model: {other})" in (tmp_path / "flag" / "eval.md").read_text()
+
+
+def test_rater_model_without_rater_is_refused(setup: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate.main(["--model", str(setup["tiny"]), "--rater-model", str(setup["tiny"]), "--forward",
+                          str(setup["m0"]), "--out", str(tmp_path), *SMALL]) == 2
+    assert "--rater-model names the model --rater evaluates: add --rater base" in capsys.readouterr().err

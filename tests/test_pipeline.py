@@ -83,7 +83,13 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
 
 def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys):
     work = tmp_path / "run"
-    argv = ["--workdir", str(work), "--model", tiny, "--threshold", "1", "--ablation", "--ablation-draws", "2"] + FAST
+    # a second source in the pool, for the control (e) at the end: web pages of two demo answers each
+    # (the web reader keeps passages of 600+ characters only)
+    answers = [p.output.replace("\n", " ") for p in read_pairs(DEMO_SEED)]
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(json.dumps({"text": " ".join(answers[i:i + 2])}) + "\n" for i in range(0, len(answers), 2)))
+    argv = ["--workdir", str(work), "--model", tiny, "--threshold", "1", "--ablation", "--ablation-draws", "2",
+            "--unlabelled", DEMO_TEXTS, f"web:{web}"] + FAST
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     curated = read_jsonl(work / "curate/curated.jsonl")
@@ -101,7 +107,7 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert "(a) curated" in table and "(d) seed only (M0" in table and "Quality vs quantity" in out
     assert "(b) random, draw 2" in table
     assert "texts from" in table and "demo" in table and "answer tokens per epoch" in table  # what each set holds
-    assert "over 2 random draws of (b)" in table and "1 time in 3" in table  # compared with both draws
+    assert "(a) - (b), the paper's claim, over 2 random draws of (b)" in table and "Verdict: " in table  # both draws
     cfg = json.loads((work / "ablate-all/train_config.json").read_text())
     # (c): its pairs, the answer tokens of one pass over its split, and those all its steps saw
     assert f"| {len(augmented)} | {cfg['target_tokens']} | {cfg['target_tokens_trained']} |" in table
@@ -142,18 +148,21 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
 
     # --ablation-oracle SOURCE adds the control (e): as (b), from SOURCE's texts only; nothing else retrains
     assert pipeline.main(argv + ["--ablation-match", "tokens", "--ablation-oracle", "nosuch"]) == 2
-    assert "no pair comes from source 'nosuch' (its sources: demo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no pair comes from source 'nosuch' (its sources: " in err and "web " in err and "demo " in err
     assert pipeline.main(argv + ["--ablation-match", "tokens", "--ablation-oracle", "demo"]) == 0
     final = manifests(work)
     assert all(final[n] == again[n] for n in ("ablate-curated", *draws, "ablate-all"))
     oracle = read_pairs(work / "ablate-oracle/data/train.jsonl")
-    assert {p.source for p in oracle} == {"demo"} and sum(map(count, oracle)) >= trained["ablate-curated"]
+    assert {p.source for p in oracle} == {"demo"} and {p.source for p in read_pairs(work / "augment/augmented.jsonl")} \
+        == {"demo", "web"} and sum(map(count, oracle)) >= trained["ablate-curated"]
     assert json.loads((work / "ablate-oracle/manifest.json").read_text())["config"]["source"] == "demo"
     report = json.loads((work / "ablation/eval.json").read_text())
     assert [r["model"] for r in report["forward"]] == ["base", "ablate-curated", *draws, "ablate-oracle",
                                                       "ablate-all", "m0"]
     table = (work / "ablation/ablation.md").read_text()
-    assert "(e) control: random, same size, demo texts only" in table and "(e) - (b), the control, demo texts" in table
+    assert "(e) control: random, as many answer tokens as (a), demo texts only" in table
+    assert "(e) - (b), the control, demo texts only, over 2 random draws" in table
 
 
 def test_several_unlabelled_sources_are_sampled_each_and_pooled(tiny, tmp_path, capsys):
@@ -231,6 +240,10 @@ def test_a_flag_a_script_rejects_ends_the_run_naming_that_script(tiny, tmp_path,
     assert "train.py: error: unrecognized arguments: --no-such-flag" in err
     assert err.strip().endswith("error: train.py exited with status 2")
     assert (work / "data/manifest.json").exists() and not (work / "backward/manifest.json").exists()
+    # --help among a script's flags exits 0 having trained nothing: that is a failed stage too, not a done one
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--train-args=--help"] + FAST[:2]) == 1
+    assert "error: train.py exited with status 0 before doing its work" in capsys.readouterr().err
+    assert not (work / "backward/manifest.json").exists()
 
 
 def test_heldout_files_are_hashed_only_when_local(tmp_path):
@@ -242,11 +255,13 @@ def test_heldout_files_are_hashed_only_when_local(tmp_path):
 
 
 def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):
-    for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"], ["--ablation-oracle", "lima"]):
+    for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"], ["--ablation-oracle", "lima"],
+                  ["--preset", "paper", "--rater-model", "some/chat-model"]):
         with pytest.raises(SystemExit) as e:
             pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--ablation-draws must be >= 1, got 0" in err and "--ablation-draws and --ablation-match shape the ablation: add --ablation" in err
     assert "--ablation-oracle adds a control to the ablation: add --ablation" in err
+    assert "iteration 2 would repeat iteration 1 (the paper preset has 2): add --iterations 1" in err
     assert not (tmp_path / "run").exists()

@@ -99,21 +99,30 @@ def test_ablation_table_keeps_the_table_when_answers_cannot_be_compared(tmp_path
 
 def test_oracle_set_draws_the_same_size_from_one_source_only(tmp_path):
     from data.pairs import DataError, Pair, write_jsonl_atomic
-    pool = [Pair(f"l{i}", "q", "o" * (i + 1), "lima") for i in range(6)] + \
-        [Pair(f"w{i}", "q", "o" * 50, "web") for i in range(20)]
+    pool = [Pair(f"l{i}", "q", "o" * (i + 1), "lima", meta={"tag": "augmented"}) for i in range(6)] + \
+        [Pair(f"w{i}", "q", "o" * 50, "web", meta={"tag": "augmented"}) for i in range(20)]
     write_jsonl_atomic(tmp_path / "augmented.jsonl", pool)
     write_jsonl_atomic(tmp_path / "curated.jsonl", [pool[0], pool[10], pool[11], pool[12]])
     args = (tmp_path / "augmented.jsonl", tmp_path / "curated.jsonl", 0)
     oracle = ablation_set("oracle", *args, source="lima")
     assert len(oracle) == 4 and {p.source for p in oracle} == {"lima"}
-    assert all("tag" not in p.meta for p in oracle)
+    assert all("tag" not in p.meta for p in oracle)  # one tag line for every set, as for (b)
     # as many answer characters as (a): 1 + 3 * 50, more than all 6 lima texts hold (21): refused, not shrunk
-    with pytest.raises(DataError, match=r"source 'lima' has too few pairs \(6\) for a set as large as the curated"):
+    with pytest.raises(DataError, match=r"source 'lima' has 21 answer tokens in all, fewer than the curated "
+                                        r"set's 151"):
         ablation_set("oracle", *args, count_tokens=lambda p: len(p.output), source="lima")
     assert sum(len(p.output) for p in ablation_set("oracle", *args, count_tokens=lambda p: len(p.output),
                                                    source="web")) >= 151
     with pytest.raises(DataError, match=r"no pair comes from source 'c4' \(its sources: web 20, lima 6\)"):
         ablation_set("oracle", *args, source="c4")
+    write_jsonl_atomic(tmp_path / "curated.jsonl", pool[:8])  # 8 pairs: more than lima's 6
+    with pytest.raises(DataError, match=r"source 'lima' has 6 pairs in all, fewer than the curated set's 8"):
+        ablation_set("oracle", *args, source="lima")
+    # a pool of one source: (e) would be (b)'s first draw again
+    write_jsonl_atomic(tmp_path / "augmented.jsonl", pool[6:])
+    write_jsonl_atomic(tmp_path / "curated.jsonl", pool[6:9])
+    with pytest.raises(DataError, match=r"every pair comes from 'web'.*needs a pooled --unlabelled"):
+        ablation_set("oracle", *args, source="web")
 
 
 def test_ablation_table_reads_the_oracle_control(tmp_path):
@@ -121,11 +130,20 @@ def test_ablation_table_reads_the_oracle_control(tmp_path):
 
     def shifted(by):
         return {i: (s + by * t, t) for i, (s, t) in answers.items()}
-    for oracle, says_metric_is_blind in ((shifted(-1.0), False), (shifted(0.0), True)):
-        folder = tmp_path / str(says_metric_is_blind)
-        eval_json, adapters = _ablation_dir(folder, answers, shifted(0.1), shifted(-0.1), oracle=oracle)
+    cases = {"lower": (shifted(-1.0), "Verdict: (e) lower than every one of the 2 draws", "does reward lima texts"),
+             "not shown": (shifted(0.0), "Verdict: not shown: (e) is lower than 1 of the 2 draws",
+                           "no evidence that training on lima texts only helps"),
+             "higher": (shifted(1.0), "Verdict: (e) higher than every one of the 2 draws",
+                        "lima texts only train worse than a random mix")}
+    conclusions = [c for _, _, c in cases.values()]
+    for outcome, (oracle, verdict, conclusion) in cases.items():
+        eval_json, adapters = _ablation_dir(tmp_path / outcome, answers, shifted(0.1), shifted(-0.1), oracle=oracle)
         table = ablation_table(eval_json, adapters, tmp_path / "unused.jsonl", oracle="lima")
         assert "| (e) control: random, same size, lima texts only (a rater keeping just those) |" in table
-        assert "(e) - (b), the control, lima texts only, over 2 random draws" in table
-        assert ("Verdict: (e) lower than every one of the 2 draws" in table) != says_metric_is_blind
-        assert ("do not reward training on lima texts" in table) == says_metric_is_blind
+        assert "(e) - (b), the control, lima texts only, over 2 random draws" in table and verdict in table
+        assert [c in table for c in conclusions] == [c == conclusion for c in conclusions], outcome
+    # not compared (tokenized differently): no conclusion drawn from it
+    eval_json, adapters = _ablation_dir(tmp_path / "apart", answers, answers, oracle={**answers, "x": (10.0, 11)})
+    table = ablation_table(eval_json, adapters, tmp_path / "unused.jsonl", oracle="lima", match="tokens")
+    assert "(e) - (b): not compared" in table and not any(c in table for c in conclusions)
+    assert "| (e) control: random, as many answer tokens as (a), lima texts only |" in table
