@@ -34,7 +34,7 @@ Stages (each one a folder of WORKDIR with a manifest; a re-run skips finished st
                    --ablation-match tokens: as many answer tokens as (a) instead of as many pairs)
   ablate-oracle    with --ablation-oracle SOURCE, a control: as (b), but drawn from SOURCE's texts only
                    (e.g. the LIMA half of a LIMA + web pool: what a rater that knew would keep);
-                   if even this is not better than (b), the held-out metric cannot show curation here
+                   if not even this is shown better than (b), (a) vs (b) says little about the rater
   ablate-all       trained on all augmented pairs
   ablation         evaluate.py on those + M0 (the seed-only model, as the m0 stage trained
                    it: without --ablation-train-args); ablation.md, forward_nll.png
@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation-oracle", metavar="SOURCE", default=None,
                    help="add a control (e) to the ablation: trained like (b) on a random same-size sample, but of "
                         "the texts from SOURCE only (a source of a pooled --unlabelled, e.g. 'lima' in a LIMA + web "
-                        "pool): what a rater that knew which texts are good would keep. If (e) is not better than "
-                        "(b) either, the held-out metric cannot show curation helping at this scale")
+                        "pool): what a rater that knew which texts are good would keep. If (e) is not shown better "
+                        "than (b) either, the comparison of (a) with (b) says little about the rater")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
@@ -528,8 +528,7 @@ def push(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dir
     rows = read_rated(cdir / "rated.jsonl")
     info = dict(unlabelled=" + ".join(pre.unlabelled), backward_model=f"{pre.model} + backward LoRA",
                 rater=pre.rater_model or ("seed model M0" if len(curated_dirs) == 1 else "M1 (iteration 2)"),
-                threshold=pre.threshold, rated=len(rows),
-                histogram=histogram(rows),
+                threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
                 kept=sum(1 for _ in open(cdir / "curated.jsonl")))
     try:
         publish_dataset(cdir / "curated.jsonl", f"{prefix}-curated", info, work / "hub" / "curated")

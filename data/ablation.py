@@ -9,9 +9,9 @@ the comparison the paper's claim rests on: is (a) better than (b) by more than l
 
 (e), optional, is a control for that comparison: a same-size sample drawn only from one source
 of a pooled input (say the LIMA answers of a LIMA + web pool), i.e. what a rater that knew which
-texts are the good ones would keep. If even (e) is not better than (b), the held-out metric
-cannot see the quality difference at this scale, and (a) vs (b) cannot show curation working,
-whatever the rater.
+texts are the good ones would keep. If (e) is not shown better than (b) either, the comparison
+of (a) with (b) says little about the rater: this held-out metric does not reward even a perfect
+choice of source at this scale.
 """
 from __future__ import annotations
 
@@ -55,14 +55,13 @@ def ablation_set(which: str, augmented: Path, curated: Path, seed: int,
         if len(sources) == 1:  # the same sample as (b)'s first draw: a control that controls nothing
             raise DataError(f"{augmented}: every pair comes from {source!r}, so a set of its texts only is just "
                             f"another random set; the control needs a pooled --unlabelled (e.g. lima + web)")
-    if count_tokens is not None:
-        budget = sum(map(count_tokens, kept))
-        chosen = sample_to_budget(pool, budget, count_tokens, seed)
-        have, need, unit = sum(map(count_tokens, chosen)), budget, "answer tokens"
-    else:
-        chosen = sample(pool, len(kept), seed)
-        have, need, unit = len(chosen), len(kept), "pairs"
-    if have < need and which == "oracle":  # a smaller set would compare quantity again: the ablation holds it fixed
+    size = count_tokens or (lambda _: 1)  # answer tokens, or pairs
+    need = sum(map(size, kept))
+    chosen = sample_to_budget(pool, need, size, seed) if count_tokens else sample(pool, need, seed)
+    # (b) always has enough (the curated pairs are in its pool); a smaller (e) would compare quantity
+    # again, the very thing the ablation holds fixed
+    if which == "oracle" and (have := sum(map(size, chosen))) < need:
+        unit = "answer tokens" if count_tokens else "pairs"
         raise DataError(f"{augmented}: source {source!r} has {have} {unit} in all, fewer than the curated set's "
                         f"{need}: sample more texts from it (--n-unlabelled)")
     return chosen
@@ -81,7 +80,8 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
     if match == "tokens":
         what["ablate-random"] = "(b) random, as many answer tokens as (a), uncurated"
         what["ablate-oracle"] = f"(e) control: random, as many answer tokens as (a), {oracle} texts only"
-    if any(Path(a).parent.name == "ablate-random-2" for a in adapters):
+    labels = [Path(a).parent.name for a in adapters]  # the stage folders: ablate-curated, ..., m0
+    if "ablate-random-2" in labels:
         what["ablate-random"] += ", draw 1"
     what |= {f"ablate-random-{k}": f"(b) random, draw {k} (sample and training seed +{k - 1})"
              for k in range(2, len(adapters) + 1)}
@@ -113,10 +113,10 @@ def ablation_table(eval_json: Path, adapters: list[Path], seed_file: Path, match
             f"Held-out: {h['n']} pairs from `{h['spec']}`. NLL/token of the human answers (lower is better)"
             + (f"; wins/losses/ties against the base model's answers, judged in both orders by {judge}.\n"
                if judge and judge != "none" else ".\n"))
-    draws = [Path(a).parent.name for a in adapters if Path(a).parent.name.startswith("ablate-random")]
+    draws = [x for x in labels if x.startswith("ablate-random")]
     claim = "the paper's claim" if match == "pairs" else "with as many answer tokens"
     text += compare_to_draws(eval_json.parent, "ablate-curated", "(a)", draws, claim)[0]
-    if any(Path(a).parent.name == "ablate-oracle" for a in adapters):
+    if "ablate-oracle" in labels:
         sentence, outcome = compare_to_draws(eval_json.parent, "ablate-oracle", "(e)", draws,
                                              f"the control, {oracle} texts only")
         text += sentence + {
@@ -135,9 +135,10 @@ def compare_to_draws(folder: Path, label: str, name: str, draws: list[str],
                      claim: str) -> tuple[str, str | None]:
     """The sentence of ablation.md that compares model ``label`` (called ``name``: "(a)") with the
     random draws of (b), from evaluate.py's per-answer rows in ``folder`` ("" if there is nothing
-    to compare), and its outcome: "lower", "higher", "not shown", or None when not compared. Two kinds of luck must both be ruled out
-    before a verdict: which held-out answers were drawn (a bootstrap interval) and which pairs and
-    seed the random set drew (is it better than every one of the K draws?)."""
+    to compare), and its outcome: "lower", "higher", "not shown", or None when not compared. Two
+    kinds of luck must both be ruled out before a verdict: which held-out answers were drawn (a
+    bootstrap interval) and which pairs and seed the random set drew (is it better than every one
+    of the K draws?)."""
     per_pair = {}
     for x in [label, *draws]:
         f = folder / f"forward_{x}.jsonl"
