@@ -2,8 +2,16 @@
 
 One dataclass covers every Llama-family checkpoint we load: Llama-2-7B (multi-head
 attention, untied head), TinyLlama-style GQA, SmolLM2 (GQA, tied embeddings, rope theta
-1e5) and llama2.c's stories260K. Field names are Hugging Face's, so ``config.json`` maps
-onto it key for key and a config we write is one ``transformers`` reads back.
+1e5), llama2.c's stories260K, and Qwen2 / Qwen2.5 (``model_type: "qwen2"``). Field names are
+Hugging Face's, so ``config.json`` maps onto it key for key and a config we write is one
+``transformers`` reads back.
+
+Qwen2 is a Llama with one architectural difference: its q/k/v projections have biases (o_proj
+and the MLP do not). Its other traits are values of fields Llama already has: GQA (Qwen2.5-1.5B:
+12 query / 2 key-value heads of dim 128), ``rope_theta`` 1e6, ``rms_norm_eps`` 1e-6, tied or
+untied output. Its sliding-window fields are accepted but only while they are switched off
+(``use_sliding_window: false``, as in every released Qwen2/2.5 config): then transformers too
+gives every layer full attention, and the window size is never used.
 """
 from __future__ import annotations
 
@@ -12,8 +20,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
+# model_type -> the transformers class that reads the same config.json and weights.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 class ConfigError(ValueError):
@@ -36,12 +46,20 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    model_type: str = "llama"  # "llama" or "qwen2"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj/k_proj/v_proj carry a bias: Qwen2's one difference from Llama."""
+        return self.model_type == "qwen2"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(f"model_type={self.model_type!r}: expected one of {SUPPORTED_MODEL_TYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -58,8 +76,10 @@ class LlamaConfig:
         ):
             raise ConfigError(
                 f"{source}: unsupported architecture {archs or mtype!r}; expected one of "
-                f"{SUPPORTED_ARCHITECTURES} (model_type 'llama')"
+                f"{SUPPORTED_ARCHITECTURES} (model_type one of {SUPPORTED_MODEL_TYPES})"
             )
+        if mtype is None:  # an old config with only "architectures": take the type from the class
+            mtype = next((t for t, a in ARCHITECTURES.items() if a in archs), "llama")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r}; only 'silu' (SwiGLU) is implemented")
         # transformers >= 5 writes {"rope_parameters": {"rope_theta": ..., "rope_type": "default"}};
@@ -73,6 +93,16 @@ class LlamaConfig:
                 d["rope_theta"] = rope["rope_theta"]
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ConfigError(f"{source}: attention_bias/mlp_bias are not implemented (Llama has none)")
+        if mtype == "qwen2" and d.get("use_sliding_window"):
+            # transformers: layer i slides iff use_sliding_window and i >= max_window_layers
+            # (or layer_types says so). Refuse rather than silently attend to everything.
+            n = d.get("num_hidden_layers", 0)
+            types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28)
+                                             else "full_attention" for i in range(n)]
+            if "sliding_attention" in types:
+                raise ConfigError(f"{source}: use_sliding_window=true (sliding-window attention) is not "
+                                  f"implemented; only full attention")
+        d["model_type"] = mtype
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -93,9 +123,11 @@ class LlamaConfig:
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """A config.json that Hugging Face transformers reads as LlamaForCausalLM."""
+        """A config.json that Hugging Face transformers reads as LlamaForCausalLM / Qwen2ForCausalLM."""
         d = asdict(self)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu")
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = False
         return d
 
     def save(self, path: str | Path) -> None:

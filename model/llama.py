@@ -12,6 +12,7 @@ The network is the one in Touvron et al. 2023 ("Llama 2") as Hugging Face lays i
   SmolLM2-135M: 9/3).
 * A SwiGLU MLP: down(silu(gate(x)) * up(x)).
 * Optionally tied input/output embeddings (SmolLM2, stories260K).
+* Qwen2 is the same network with biases on the q/k/v projections (``config.qkv_bias``).
 
 Module and parameter names are exactly the Hugging Face checkpoint names
 (``model.layers.0.self_attn.q_proj.weight`` ...), so a ``model.safetensors`` file loads with no
@@ -91,9 +92,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.cache: KVCache | None = None
 

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Llama checkpoint (safetensors) into our ``Llama``, in bf16 or 4-bit NF4.
+"""Load a Hugging Face Llama or Qwen2 checkpoint (safetensors) into our ``Llama``, in bf16 or 4-bit NF4.
 
 ``load_model(name_or_path)`` accepts
 * a local folder in Hugging Face layout (``config.json`` + ``model.safetensors`` or shards listed
@@ -104,8 +104,8 @@ def quantize_block_linears(model: Llama, compute_dtype: torch.dtype = torch.bflo
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
-                if isinstance(lin, nn.Linear):
-                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                if isinstance(lin, nn.Linear):  # (a bias, Qwen2's q/k/v, stays in dtype)
+                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                           compute_dtype=compute_dtype, compress_statistics=True,
                                           quant_type="nf4", device="meta")
                     # bitsandbytes' fast CPU inference path repacks the 4-bit weight in place on the
@@ -123,10 +123,12 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.d
     try:
         module = model.get_submodule(mod_name)
         current = getattr(module, attr)
+        if current is None:  # e.g. a q_proj.bias for a config without biases (llama, not qwen2)
+            raise AttributeError(name)
     except AttributeError:
-        raise CheckpointError(f"{source}: unexpected tensor '{name}' (no such parameter in a Llama "
-                              f"built from config.json)") from None
-    import_bnb = type(module).__name__ == "Linear4bit"
+        raise CheckpointError(f"{source}: unexpected tensor '{name}' (no such parameter in a "
+                              f"{model.config.model_type} model built from config.json)") from None
+    import_bnb = type(module).__name__ == "Linear4bit" and attr == "weight"
     expected = (module.out_features, module.in_features) if import_bnb else tuple(current.shape)
     if tuple(value.shape) != expected:
         raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but config.json "
