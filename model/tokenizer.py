@@ -27,8 +27,8 @@ This keeps sequence building explicit (e.g. the SFT loss masks the prompt and ap
 to the target; generation prepends BOS only if ``add_bos``).
 
 One deliberate asymmetry: a :class:`BPETokenizer` recognises special-token *text* such as
-``<|im_start|>`` inside the string you encode (that is how a chat prompt rendered from a
-template becomes the right control ids), while :class:`SentencePieceTokenizer` treats
+``<|im_start|>`` inside the string you encode (that is how a chat prompt rendered by
+``chat_format`` becomes the right control ids), while :class:`SentencePieceTokenizer` treats
 ``<s>``/``</s>`` written in text as ordinary characters, exactly like Meta's Llama code.
 Use ``bos=``/``eos=`` to add those.
 """
@@ -38,27 +38,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .chat import ChatFormat, chat_format
+
 __all__ = [
     "Tokenizer",
     "SentencePieceTokenizer",
     "BPETokenizer",
     "TokenizerError",
     "load_tokenizer",
-    "CHATML_TEMPLATE",
 ]
 
 # Tokens that end an assistant turn or a document in common chat/base vocabularies. When a
 # vocabulary contains one of them as a special token, generation stops on it too: a chat
 # model ends its reply with <|im_end|> (ChatML) even though its "eos" may be another token.
 _KNOWN_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
-
-# A minimal ChatML template (the format SmolLM2-Instruct was trained on), used by
-# ``apply_chat`` when the tokenizer has no template of its own or jinja2 is missing.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 class TokenizerError(ValueError):
     """A request the tokenizer cannot satisfy (e.g. ``bos=True`` without a BOS token).
@@ -98,7 +91,7 @@ class Tokenizer:
         pad_id: a valid id used to pad batches (masked out of the loss and attention anyway).
         add_bos: whether the model was trained with BOS in front of every sequence.
         stop_ids: ids that end generation (EOS, and for chat models the end-of-turn token).
-        chat_template: the model's Jinja chat template, if it ships one.
+        chat_template: the model's Jinja chat template, if it ships one (``chat_format`` reads it).
     """
 
     vocab_size: int
@@ -129,39 +122,11 @@ class Tokenizer:
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``[{"role": "user", "content": ...}, ...]`` into the prompt text the model expects.
-
-        Uses the model's own ``chat_template`` when it has one and ``jinja2`` is installed
-        (Hugging Face templates are Jinja); otherwise a plain ChatML rendering. The result is
-        text: encode it with :meth:`encode` (BPE tokenizers turn ``<|im_start|>`` into its id).
-        """
-        try:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:  # tiny ChatML fallback, no dependency
-            out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.TemplateError(message)
-
-        # The sandbox is what transformers uses too: a template is data shipped with a model
-        # and should not be able to call arbitrary Python.
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template or CHATML_TEMPLATE)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special_text(self.bos_id),
-            eos_token=self._special_text(self.eos_id),
-        )
-
-    def _special_text(self, token_id: int | None) -> str:
-        return "" if token_id is None else self.id_to_token(token_id)
+    @property
+    def chat_format(self) -> ChatFormat | None:
+        """The model's chat layout (ChatML, Llama-2 chat), recognised from ``chat_template``, or
+        None: ``tokenizer.chat_format.render(user, system)`` is the prompt (see model/chat.py)."""
+        return chat_format(self.chat_template)
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry (piece) for one id, e.g. ``▁Hello`` or ``<|im_end|>``."""

@@ -48,8 +48,11 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
-def make_tiny(folder: Path, seed: int = 0, std: float = 0.1, **overrides) -> Path:
-    """Random tiny checkpoint in Hugging Face layout; ``overrides`` change config.json keys."""
+def make_tiny(folder: Path, seed: int = 0, std: float = 0.1, tokenizer_model: Path | None = None,
+              **overrides) -> Path:
+    """Random tiny checkpoint in Hugging Face layout; ``overrides`` change config.json keys.
+    ``tokenizer_model``: a sentencepiece file to copy in (e.g. Llama-2's, with vocab_size=32000)
+    instead of the one trained on TEXT."""
     from model import Llama, LlamaConfig
     from model.load import save_model
     folder = Path(folder)
@@ -65,5 +68,35 @@ def make_tiny(folder: Path, seed: int = 0, std: float = 0.1, **overrides) -> Pat
                 p.normal_(0.0, std)
     save_model(net, folder)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "tokenizer.model").write_bytes(tiny_spm_bytes(cfg["vocab_size"]))
+    spm_bytes = Path(tokenizer_model).read_bytes() if tokenizer_model else tiny_spm_bytes(cfg["vocab_size"])
+    (folder / "tokenizer.model").write_bytes(spm_bytes)
     return folder
+
+
+def hf_llama_tokenizer(spm_model: Path):
+    """transformers' Llama tokenizer over a sentencepiece vocabulary, built live, as a reference.
+
+    transformers 5 has no slow (sentencepiece) LlamaTokenizer any more, and its automatic
+    conversion of a tokenizer.model needs protobuf, which this project does not depend on.
+    So we do what transformers' own GGUF loader does for sentencepiece vocabularies: read
+    the pieces and scores, derive the BPE merges with ``generate_merges`` and hand both to
+    ``LlamaTokenizer``. Its default (``legacy=False``) pre-tokenizer ``Metaspace`` differs from
+    sentencepiece on text that *starts* with a space ("  x" -> ``▁ ▁x`` instead of
+    ``▁▁ ▁x``), so, as in the official Llama-2 ``tokenizer.json``, the space handling is a
+    normalizer (prepend ``▁``, replace spaces) with no pre-tokenizer.
+    """
+    transformers = pytest.importorskip("transformers")
+    import sentencepiece as spm
+    from tokenizers import normalizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    scores = {p: sp.get_score(i) for i, p in enumerate(pieces)}
+    ref = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores),
+                                      unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    backend = ref.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    return ref

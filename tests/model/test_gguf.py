@@ -173,7 +173,7 @@ def test_tokenizer_attributes(converted: Path) -> None:
 def test_chat_template(converted: Path) -> None:
     tok = load_tokenizer(converted)
     assert "<|im_start|>" in tok.chat_template
-    prompt = tok.apply_chat([{"role": "user", "content": "What is the capital of Germany?"}])
+    prompt = tok.chat_format.render("What is the capital of Germany?")
     assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                       "<|im_end|>\n<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n"
                       "<|im_start|>assistant\n")
@@ -219,7 +219,7 @@ def test_files_readable_by_transformers(converted: Path) -> None:
     for text in BUILTIN_TEXT:
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids
     messages = [{"role": "user", "content": "Hi"}]
-    assert tok.apply_chat(messages) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.chat_format.render("Hi") == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def test_conversion_file_permissions(converted: Path) -> None:

@@ -18,6 +18,7 @@ from model.tokenizer import (
     TokenizerError,
     load_tokenizer,
 )
+from tests.tiny import hf_llama_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 LLAMA2_MODEL = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -67,34 +68,11 @@ def llama2() -> SentencePieceTokenizer:
 
 @pytest.fixture(scope="module")
 def llama2_hf_reference():
-    """The Hugging Face Llama-2 tokenizer, built live by transformers from tokenizer.model.
-
-    transformers 5 has no slow (sentencepiece) LlamaTokenizer any more, and its automatic
-    conversion of a tokenizer.model needs protobuf, which this project does not depend on.
-    So we do what transformers' own GGUF loader does for sentencepiece vocabularies: read
-    the pieces and scores, derive the BPE merges with ``generate_merges`` and hand both to
-    ``LlamaTokenizer``. Its default (``legacy=False``) pre-tokenizer ``Metaspace`` differs from
-    sentencepiece on text that *starts* with a space ("  x" -> ``▁ ▁x`` instead of
-    ``▁▁ ▁x``), so, as in the official Llama-2 ``tokenizer.json``, the space handling is a
-    normalizer (prepend ``▁``, replace spaces) with no pre-tokenizer.
-    """
-    transformers = pytest.importorskip("transformers")
-    import sentencepiece as spm
-    from tokenizers import normalizers
-    from transformers.tokenization_utils_base import generate_merges
-
+    """The Hugging Face Llama-2 tokenizer, built live by transformers from tokenizer.model
+    (see tests.tiny.hf_llama_tokenizer)."""
     if not LLAMA2_MODEL.is_file():
         pytest.skip(f"{LLAMA2_MODEL} is absent")
-    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    scores = {p: sp.get_score(i) for i, p in enumerate(pieces)}
-    ref = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores),
-                                      unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    backend = ref.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.pre_tokenizer = None
-    return ref
+    return hf_llama_tokenizer(LLAMA2_MODEL)
 
 
 @needs_shared
@@ -138,11 +116,9 @@ def test_llama2_special_text_is_literal(llama2: SentencePieceTokenizer) -> None:
 
 
 @needs_shared
-def test_llama2_chat_fallback_is_chatml(llama2: SentencePieceTokenizer) -> None:
-    # No chat template ships with a bare tokenizer.model: apply_chat falls back to ChatML.
-    assert llama2.chat_template is None
-    assert llama2.apply_chat([{"role": "user", "content": "Hi"}]) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+def test_llama2_base_has_no_chat_format(llama2: SentencePieceTokenizer) -> None:
+    # No chat template ships with a bare tokenizer.model: the model is prompted as plain text.
+    assert llama2.chat_template is None and llama2.chat_format is None
 
 
 # --------------------------------------------------------------------------- stories260K
