@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m-instruct", help="base model: folder, hub id, or smollm2-135m-instruct")
     g.add_argument("--quantize", choices=["nf4"], default=None, help="4-bit NF4 base (QLoRA)")
-    g.add_argument("--dtype", default=None, help="base dtype: bf16 (default for training) / fp32")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="what the base is loaded in and autocast computes in; LoRA weights and AdamW stay fp32. "
+                        "Default: bf16, or fp16 on a GPU without bf16 (T4, V100). fp16 adds dynamic loss scaling "
+                        "(a step whose gradients overflow is skipped); fp32: no autocast")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     g = p.add_argument_group("LoRA (defaults: r=8, alpha=32, dropout=0.05 on q/k/v/o; --qlora: r=64, alpha=16, all linears, lr 2e-4)")
     g.add_argument("--qlora", action="store_true", help="use the QLoRA recipe for r/alpha/targets/lr (explicit flags still win)")
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--clip", type=float, default=DEFAULTS.clip, help="gradient-norm clipping (default 1.0)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    g.add_argument("--no-autocast", action="store_true", help="disable bf16 autocast (on by default where supported)")
+    g.add_argument("--no-autocast", action="store_true", help="disable autocast (on by default where supported)")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for LoRA init, data order, dropout (default 0)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULTS.out_dir, help=f"run folder (default {DEFAULTS.out_dir})")
@@ -96,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
                        warmup_steps=args.warmup_steps, schedule=args.schedule, clip=args.clip,
                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                       autocast=not args.no_autocast, gradient_checkpointing=args.gradient_checkpointing,
+                       autocast=not args.no_autocast, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                        base_model=args.model,
                        extra={"direction": args.direction, "tag": args.tag, "data": args.data,
                               "quantize": args.quantize})
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from data.pairs import DataError
-    from lora.finetune import TrainingDiverged, train
+    from lora.finetune import TrainingDiverged, train, training_dtype
     from model import load_model
     from model.load import CheckpointError
     tag = None if args.tag == "none" else args.tag
@@ -156,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
             random.Random(args.seed).shuffle(shuffled)
             n_eval = int(len(pairs) * args.eval_frac)
             eval_pairs, train_pairs = shuffled[:n_eval], shuffled[n_eval:]
-        model, tok = load_model(args.model, quantize=args.quantize, dtype=args.dtype or "bf16",
-                                device=distributed.device_for_rank(args.device))
+        device = distributed.device_for_rank(args.device)
+        model, tok = load_model(args.model, quantize=args.quantize, dtype=training_dtype(args.dtype, device),
+                                device=device)
         summary = train(model, tok, to_examples(train_pairs, args.direction, tag), cfg,
                         to_examples(eval_pairs, args.direction, tag), resume=args.resume,
                         progress=not args.no_progress)
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub and distributed.is_main():
         from data.publish import PushError, publish_adapter
         info = dict(cfg.extra, base_model=args.model, examples=summary["examples"], steps=summary["steps"],
-                    precision=f"{args.quantize or args.dtype or 'bf16'} base, fp32 LoRA",
+                    precision=f"{args.quantize or summary['dtype']} base, fp32 LoRA",
                     final_loss=summary["final_loss"], eval_loss=summary["eval_loss"])
         try:
             publish_adapter(summary["adapter"], args.push_to_hub, info, f"{args.out}/hub-upload")

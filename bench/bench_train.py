@@ -58,7 +58,7 @@ def run_ours(args) -> dict:
     def step(ids):
         labels = labels_for(ids, args.prompt_frac)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-        loss = batch_loss_sum(model, model, batch, torch.device("cpu"), use_autocast=True) / target_token_count(labels)
+        loss = batch_loss_sum(model, model, batch, torch.device("cpu"), amp_dtype=torch.bfloat16) / target_token_count(labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

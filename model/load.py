@@ -14,7 +14,7 @@ How the 4-bit path stays small: the network is built on the *meta* device (shape
 memory), the block linears are swapped for ``bitsandbytes.nn.Linear4bit``, and then tensors are
 read from the checkpoint one at a time and quantized as they arrive. The full-precision model
 never exists: peak memory is the quantized model plus one tensor. (QLoRA, Dettmers et al. 2023:
-NF4 with double quantization of the scales, bf16 compute.)
+NF4 with double quantization of the scales, bf16 compute; fp16 compute on GPUs without bf16.)
 
 Only safetensors and JSON/tokenizer files are ever read: no pickle, no ``torch.load``.
 """
@@ -138,7 +138,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.d
                               f"implies {expected}")
     if import_bnb:
         import bitsandbytes as bnb
-        w = bnb.nn.Params4bit(value.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
+        # Quantized from the compute dtype's 16-bit kind, so that it dequantizes straight into it.
+        source = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        w = bnb.nn.Params4bit(value.to(source), requires_grad=False, compress_statistics=True,
                               quant_type="nf4")
         module.weight = w.to(device)  # bitsandbytes quantizes when the tensor moves to its device
     else:
@@ -198,14 +200,16 @@ def load_model(path_or_repo_id: str | os.PathLike = "smollm2-135m-instruct", qua
     """Build a ``Llama`` from a checkpoint and return ``(model, tokenizer)``, in eval mode, frozen.
 
     quantize: None (full precision) or "nf4" (block linears as bitsandbytes 4-bit NF4).
-    dtype: parameter dtype for everything not quantized; default bf16 when quantizing or on
-        CUDA, else float32 on CPU (exact, and what the parity tests use). "bf16"/"fp32" accepted.
+    dtype: parameter dtype for everything not quantized, and the compute dtype of the 4-bit
+        linears; default ``half_dtype(device)`` (bf16, or fp16 on a GPU without bf16 such as the
+        T4) when quantizing or on CUDA, else float32 on CPU (exact, and what the parity tests
+        use). "bf16"/"fp16"/"fp32" accepted.
     device: "cpu", "cuda", ...; default cuda if available.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
     device = pick_device(device)
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if quantize or device.type == "cuda" else torch.float32)
+    dtype = parse_dtype(dtype) or (half_dtype(device) if quantize or device.type == "cuda" else torch.float32)
     folder = resolve_model_dir(path_or_repo_id)
     config = LlamaConfig.from_json(folder / "config.json")
     files = checkpoint_files(folder)
@@ -229,13 +233,23 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether to prefer bf16 on ``device``: on CUDA always (Ampere and newer have bf16 tensor
-    cores; a pre-Ampere GPU such as the T4 runs bf16 too, slower: pass dtype fp16 there), and on a
-    CPU with AVX512-BF16 / AMX (~2.5x faster than fp32; without them bf16 is emulated, slower)."""
+    """Whether ``device`` computes in bf16 natively: a GPU of compute capability 8.0 or more
+    (Ampere, Hopper: bf16 tensor cores) or a ROCm GPU, and a CPU with AVX512-BF16 / AMX (~2.5x
+    faster than fp32). Elsewhere bf16 is emulated, slower: a T4 or V100 (capability 7.x) has fp16
+    tensor cores only. (``torch.cuda.is_bf16_supported()`` says True on a T4, because bf16 *runs*
+    there; its ``including_emulation=False`` is this test, for the current GPU only.)"""
     device = torch.device(device)
     if device.type == "cuda":
-        return True
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def half_dtype(device: str | torch.device) -> torch.dtype:
+    """The 16-bit dtype to run in on ``device``: fp16 on a CUDA GPU without native bf16 (T4,
+    V100: fp16 tensor cores, 65 TFLOP/s on a T4's datasheet against 8 in fp32), else bf16 (its
+    fp32-sized exponent cannot overflow)."""
+    device = torch.device(device)
+    return torch.float16 if device.type == "cuda" and not native_bf16(device) else torch.bfloat16
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
