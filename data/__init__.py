@@ -1,4 +1,5 @@
-"""Data for instruction backtranslation (Humback, Li et al. 2023, arXiv:2308.06259).
+"""Data for instruction backtranslation (Humback, Li et al. 2023, arXiv:2308.06259): the readers
+and formats. The method's steps that work on the data are in ``humback/``.
 
 What the method needs, and where it comes from here:
 
@@ -13,16 +14,16 @@ What the method needs, and where it comes from here:
 Modules, one job each:
 
 ==============  ==================================================================
-pairs           the :class:`Pair` record, stable ids, JSONL read/append/atomic write
+pairs           the :class:`Pair` record, stable ids, JSONL read/append/atomic write,
+                and resuming (which ids an output already holds)
 hub             "local path or hub dataset id" -> local file
 guanaco, lima,  one reader per source; each returns ``(pairs, stats)``, stats being
 oasst1, web,    counts of rows kept and dropped by reason, for the caller to print
-csvfile         (:func:`format_stats`)
+csvfile         (:func:`format_stats`); csvfile also writes the homework CSV
 readers         ``load_source("kind:path_or_id")`` dispatcher
-templates       every prompt: forward, backward, rating (paper Table 1)
-scores          ``parse_score``: the rater's 1-5 verdict from its text
+templates       every prompt: forward, backward, rating (paper Table 1), judge
 batching        (prompt, target) -> padded token batches with a target-only loss
-                mask (needs torch, so it is not imported here)
+                mask, and that loss (needs torch, so it is not imported here)
 ==============  ==================================================================
 """
 from __future__ import annotations
@@ -47,7 +48,6 @@ from data.pairs import (
     write_jsonl_atomic,
 )
 from data.readers import format_stats, load_source
-from data.scores import parse_score
 from data.web import read_web
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -63,7 +63,6 @@ __all__ = [
     "iter_jsonl",
     "load_source",
     "make_id",
-    "parse_score",
     "read_csv",
     "read_guanaco",
     "read_jsonl",

@@ -1,4 +1,6 @@
-"""The course homework format: a CSV file with columns ``id, instruction, output[, fail_mode]``.
+"""The course homework format: a CSV file with columns ``id, instruction, output[, fail_mode]``,
+read as pairs (:func:`read_csv`) and written, e.g. as ``generate.py --predict``'s answers
+(:func:`write_csv_atomic`).
 
 ``id`` is kept as given (it is the homework's own key, so it must be non-empty and
 unique). The optional ``fail_mode`` column labels pairs written to be bad in a known
@@ -14,7 +16,7 @@ import csv
 from pathlib import Path
 
 from data.hub import resolve
-from data.pairs import DataError, Pair
+from data.pairs import DataError, Pair, atomic_writer
 
 REQUIRED_COLUMNS = ("id", "instruction", "output")
 
@@ -70,3 +72,12 @@ def read_csv(source: str | Path) -> tuple[list[Pair], dict[str, int]]:
     if not pairs:
         raise DataError(f"{path}: no rows after the header")
     return pairs, dict(rows=len(pairs), kept=len(pairs), with_fail_mode=with_fail_mode)
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict[str, str]], columns: list[str]) -> None:
+    """Write rows (dicts with the keys ``columns``) as a CSV with a header, in one step
+    (:func:`data.pairs.atomic_writer`: a temporary file, then a rename)."""
+    with atomic_writer(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

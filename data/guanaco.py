@@ -30,6 +30,9 @@ from data.pairs import DataError, Pair, dedupe, iter_jsonl, make_id
 
 HUB_ID = "timdettmers/openassistant-guanaco"
 HUB_FILE = "openassistant_best_replies_train.jsonl"
+# Its eval split as a data.readers spec: the held-out pairs of evaluate.py and of the GPU
+# presets (no stage trains on them).
+EVAL_SPEC = f"guanaco:{HUB_ID}/openassistant_best_replies_eval.jsonl"
 
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 _ROLE = re.compile(r"(### Human:|### Assistant:)")

@@ -9,9 +9,9 @@ Humback works on (instruction, output) pairs:
 
 Every pair has a stable ``id`` (the same input gives the same id on every run), so a
 stage that crashed half-way can re-read its own output file and skip the ids already
-done. That is also why the writers here are careful: ``append_jsonl`` fsyncs each batch
-(a crash loses at most the batch being written) and ``write_jsonl_atomic`` replaces a
-file in one step (a reader never sees half a file).
+done (:func:`read_done_ids`). That is also why the writers here are careful: ``append_jsonl``
+fsyncs each batch (a crash loses at most the batch being written) and ``write_jsonl_atomic``
+replaces a file in one step (a reader never sees half a file).
 """
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ import os
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import Any, IO, TypeVar
+
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -326,3 +329,47 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]
             f.write(_dump(row))
             n += 1
     return n
+
+
+# ------------------------------------------------------------------------- resuming
+
+
+def batches(items: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive chunks of ``size`` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [list(items[k:k + size]) for k in range(0, len(items), size)]
+
+
+def dropped_path(out_path: str | Path) -> Path:
+    """The sidecar file for dropped rows: ``aug.jsonl`` -> ``aug.dropped.jsonl``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name.removesuffix(".jsonl") + ".dropped.jsonl")
+
+
+def read_done_ids(*paths: str | Path) -> set[str]:
+    """The ids already in these JSONL files (missing files count as empty).
+
+    A last line without its newline is the remains of a write that a crash cut short:
+    it is ignored here (so that row is done again) and removed by the next
+    :func:`append_jsonl`. Any other unreadable line is an error, because
+    silently redoing it could write its id twice.
+    """
+    done: set[str] = set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # split("\n") leaves "" after the final newline; anything else there is torn.
+        for lineno, line in enumerate(lines[:-1], start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); cannot tell which rows are done") from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a string 'id'")
+            done.add(row["id"])
+    return done

@@ -52,6 +52,10 @@ TAGS: dict[str, str] = {"seed": SEED_TAG, "augmented": AUGMENTED_TAG}
 
 INSTRUCTION_HEADER = "### Instruction:\n"
 RESPONSE_HEADER = "### Response:\n"
+# Where a generated instruction or answer ends: at the next header, which a model that has
+# finished often goes on to write, as in its training text. Every command stops sampling
+# there (``generate(..., stop=[HEADER_STOP, ...])``).
+HEADER_STOP = "\n### "
 
 
 class TrainingExample(NamedTuple):
@@ -115,7 +119,7 @@ def backward_example(instruction: str, output: str) -> TrainingExample:
 # The self-curation prompt of Table 1 in Li et al., "Self-Alignment with Instruction
 # Backtranslation" (arXiv:2308.06259; Table 1 in the first version, moved to the
 # appendix in later ones), as spelled by the public Humback reproduction (Apache-2.0). The rater writes a brief reasoning, then "Score: <rating>" on its last
-# line (parsed by data.scores.parse_score). Kept verbatim, typographic quotes included.
+# line (parsed by humback.scores.parse_score). Kept verbatim, typographic quotes included.
 TABLE1_PROMPT = """Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good example of how AI Assistant should respond to the user's instruction. Please assign a score using the following 5-point scale:
 1: It means the answer is incomplete, vague, off-topic, controversial, or not exactly what the user asked for. For example, some content seems missing, numbered list does not start from the beginning, the opening sentence repeats user's question. Or the response is from another person’s perspective with their personal experience (e.g. taken from blog posts), or looks like an answer from a forum. Or it contains promotional text, navigation text, or other irrelevant information.
 2: It means the answer addresses most of the asks from the user. It does not directly address the user's question. For example, it only provides a high-level methodology instead of the exact solution to user's question.
@@ -248,7 +252,7 @@ def rating_prompt(instruction: str, response: str, k: int = 0, tag: Tag | None =
 
 # The judge's prompt (evaluate.py --forward compares a model's answers with the base model's):
 # an instruction in the project's forward format, followed by "Verdict:", so the verdict is the
-# next word and its log-probability can be read off (data.evaluation.choice_scorer).
+# next word and its log-probability can be read off (humback.measures.choice_scorer).
 JUDGE_INSTRUCTION = (
     "Compare two answers to the same question and decide which one is better: more helpful, correct, "
     "relevant and clear. Reply with one word: A if answer A is better, B if answer B is better, or tie "

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import curate
 import generate
 import train as train_script
-from data.augment import dropped_path, merge_parts, part_files, part_path, shard_batches
+from data.pairs import dropped_path
+from humback.sharding import merge_parts, part_files, part_path, shard_batches
 from tests.tiny import REPO, make_tiny
 
 UNLABELLED = str(REPO / "data" / "demo" / "unlabelled.jsonl")
@@ -159,13 +160,13 @@ def greedy_reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 DYING = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import data.augment, generate
+import humback.backtranslate, generate
 if os.environ["RANK"] == "1":
-    real = data.augment.append_jsonl
+    real = humback.backtranslate.append_jsonl
     def append_then_die(*args, **kwargs):
         real(*args, **kwargs)
         raise RuntimeError("rank 1 dies after its first batch")
-    data.augment.append_jsonl = append_then_die
+    humback.backtranslate.append_jsonl = append_then_die
 sys.exit(generate.main(sys.argv[1:]))
 """
 

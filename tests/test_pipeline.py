@@ -13,13 +13,15 @@ import pytest
 
 import model.sampling
 import pipeline
+from data import DEMO_DIR
 from data.pairs import read_jsonl, read_pairs
+from humback.training import answer_tokens
 from tests.tiny import make_tiny
 
 FAST = ["--n-unlabelled", "8", "--train-args=--max-steps 2", "--augment-args=--batch-size 3 --max-new-tokens 12",
         "--curate-args=--max-new-tokens 8 --batch-size 4", "--no-progress",
         "--eval-args=--n 4 --instruction-tokens 6 --rating-tokens 6 --answer-tokens 6 --no-plots"]
-DEMO_TEXTS, DEMO_SEED = str(pipeline.DEMO / "unlabelled.jsonl"), str(pipeline.DEMO / "seed.jsonl")
+DEMO_TEXTS, DEMO_SEED = str(DEMO_DIR / "unlabelled.jsonl"), str(DEMO_DIR / "seed.jsonl")
 STAGES = {"data", "backward", "m0", "augment", "curate", "forward", "respond", "evaluate"}
 
 
@@ -135,8 +137,8 @@ def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys
     assert again["ablate-curated"] == after["ablate-curated"] and again["ablate-all"] == after["ablate-all"]
     assert json.loads((work / "ablate-random-2/manifest.json").read_text())["config"]["match"] == "tokens"
     # counted as train.py counts them: its own target_tokens (these sets are too small for an eval split)
-    count = pipeline.answer_tokens(["--model", tiny, "--data", "-", "--direction", "forward", "--tag", "seed",
-                                    "--max-len", "384"])
+    count = answer_tokens(["--model", tiny, "--data", "-", "--direction", "forward", "--tag", "seed",
+                           "--max-len", "384"])
     trained = {d: json.loads((work / d / "train_config.json").read_text())["target_tokens"]
                for d in ("ablate-curated", *draws)}
     for d in ("ablate-curated", *draws):
@@ -244,14 +246,6 @@ def test_a_flag_a_script_rejects_ends_the_run_naming_that_script(tiny, tmp_path,
     assert pipeline.main(["--workdir", str(work), "--model", tiny, "--train-args=--help"] + FAST[:2]) == 1
     assert "error: train.py exited with status 0 before doing its work" in capsys.readouterr().err
     assert not (work / "backward/manifest.json").exists()
-
-
-def test_heldout_files_are_hashed_only_when_local(tmp_path):
-    local = tmp_path / "heldout.jsonl"
-    local.write_text('{"id": "a", "instruction": "q", "output": "a"}\n')
-    assert pipeline.heldout_files(str(local)) == [local]
-    assert pipeline.heldout_files(f"pairs:{local}") == [local]
-    assert pipeline.heldout_files("guanaco:timdettmers/openassistant-guanaco/x.jsonl") == []
 
 
 def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):

@@ -15,9 +15,8 @@ from safetensors.torch import save_file
 
 import curate
 import generate
-from data.augment import dropped_path
-from data.curate import read_rated
-from data.pairs import read_pairs
+from data.pairs import dropped_path, read_pairs
+from humback.curation import print_report, read_rated
 from tests.tiny import REPO, make_tiny
 
 UNLABELLED = str(REPO / "data" / "demo" / "unlabelled.jsonl")
@@ -145,7 +144,17 @@ def test_predict_with_compile_merges_the_adapter_and_answers_the_same(tiny: Path
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "give exactly one of"),
+    ([], "one of the arguments --prompt --unlabelled --predict is required"),
+    (["--out", "x.jsonl"], "one of the arguments --prompt --unlabelled --predict is required"),  # no default source
+    (["--prompt", "Hi", "--predict", TEST_PROMPTS], "argument --predict: not allowed with argument --prompt"),
+])
+def test_generate_needs_exactly_one_mode(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:  # argparse refuses it, before anything is loaded
+        generate.main(argv)
+    assert e.value.code == 2 and f"generate.py: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--predict", TEST_PROMPTS], "--predict needs --out"),
     (["--out", "x.jsonl", "--unlabelled", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--out", "x.jsonl", "--unlabelled", UNLABELLED, "--shard", "2/2"], "--shard"),
@@ -190,10 +199,10 @@ def test_labelled_source_keeps_the_human_instruction(tiny: Path, tmp_path: Path,
 
 
 def test_report_says_what_share_of_each_source_was_kept(capsys: pytest.CaptureFixture[str]) -> None:
-    from data.curate import select
+    from humback.curation import select
     rows = [dict(id=f"{src}-{i}", instruction="q", output="o", source=src, score=score, score_method="text")
             for src, scores in (("lima", [5, 5, 1, 1]), ("web", [5, 1, 1, 1])) for i, score in enumerate(scores)]
-    curate.print_report(rows, 5, select(rows, 5))
+    print_report(rows, 5, select(rows, 5))
     assert "kept by source: lima 2/4 (50%), web 1/4 (25%)" in capsys.readouterr().out
-    curate.print_report(rows[:4], 5, select(rows[:4], 5))  # one source: no such line
+    print_report(rows[:4], 5, select(rows[:4], 5))  # one source: no such line
     assert "kept by source" not in capsys.readouterr().out

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data import templates as T
-from data.scores import parse_score
+from humback.scores import parse_score
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 TABLE1_FILE = SHARED / "prompts" / "self_curation_table1.txt"

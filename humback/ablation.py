@@ -3,9 +3,10 @@ ablation model trains on, and the table that compares them.
 
 (a) trains on the curated set, (b) on random samples of the uncurated augmented pairs of the same
 size (as many pairs, or as many answer tokens; one or several draws), (c) on all of them, (d) is
-the seed model M0. ``pipeline.py --ablation`` trains them and evaluates them with
-``evaluate.py``; :func:`ablation_table` turns that evaluation into ``ablation.md``, ending with
-the comparison the paper's claim rests on: is (a) better than (b) by more than luck?
+the seed model M0. ``pipeline.py --ablation`` runs :func:`ablation_stages`: it trains them
+(:func:`ablation_set` gives each its pairs) and evaluates them with ``evaluate.py``;
+:func:`ablation_table` turns that evaluation into ``ablation.md``, ending with the comparison the
+paper's claim rests on: is (a) better than (b) by more than luck?
 
 (e), optional, is a control for that comparison: a same-size sample drawn only from one source
 of a pooled input (say the LIMA answers of a LIMA + web pool), i.e. what a rater that knew which
@@ -16,15 +17,66 @@ choice of source at this scale.
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data.evaluation import markdown_table
-from data.metrics import nll_gap_to_draws
-from data.pairs import DataError, iter_jsonl, read_pairs, sample, sample_to_budget
+from data.pairs import DataError, iter_jsonl, read_pairs, sample, sample_to_budget, write_jsonl_atomic
+from humback.eval_report import markdown_table
+from humback.metrics import nll_gap_to_draws
+from humback.pipeline_run import Run, heldout_files
+from humback.training import answer_tokens
+
+
+def ablation_stages(run: Run, augmented: Path, curated: Path, m0: Path, seed_file: Path) -> None:
+    """The ablation's stages: one forward model per training set (ablate-curated, ablate-random
+    and its extra draws, ablate-oracle, ablate-all), then their evaluation with M0 as (d) (ablation).
+
+    Every set trains the same way (--train-args, then --ablation-train-args) with the seed tag
+    line, compared on the held-out pairs. M0 is reused as the m0 stage trained it, so
+    --ablation-train-args (e.g. more epochs for the small sets) do not apply to it.
+    """
+    args, pre = run.args, run.pre
+    ablation_train = pre.train + shlex.split(args.ablation_train_args)
+    adapters = []
+    # (b) once per draw k = 0 .. K-1 (stages ablate-random, ablate-random-2, ...): sample and training seed SEED + k
+    sets = [("curated", "ablate-curated", 0)] + \
+        [("random", "ablate-random" + (f"-{k + 1}" if k else ""), k) for k in range(args.ablation_draws)] + \
+        ([("oracle", "ablate-oracle", 0)] if args.ablation_oracle else []) + [("all", "ablate-all", 0)]
+    for which, name, k in sets:
+        def body(d: Path, which=which, name=name, k=k) -> list[str]:
+            argv = run.train_argv(d / "data" / "train.jsonl", d, flags=ablation_train, seed=args.seed + k)
+            # "tokens": counted as this very training will count them (template, tag, --max-len)
+            count = answer_tokens(argv) if which in ("random", "oracle") and args.ablation_match == "tokens" else None
+            rows = ablation_set(which, augmented, curated, args.seed + k, count, source=args.ablation_oracle)
+            write_jsonl_atomic(d / "data" / "train.jsonl", rows)
+            print(f"{name}: {len(rows)} training pairs")
+            return run.train(argv)
+        # (c) does not depend on curation: changing the rater must not retrain it
+        inputs = [augmented] if which == "all" else [augmented, curated]
+        config = {"model": pre.model, "quantize": pre.quantize, "set": which, "train": ablation_train,
+                  "seed": args.seed + k}
+        # absent by default: older runs stay cached
+        if which in ("random", "oracle") and args.ablation_match != "pairs":
+            config["match"] = args.ablation_match
+        if which == "oracle":
+            config["source"] = args.ablation_oracle
+        adapters.append(run.stage(name, config, inputs, body, at=f"ablate-{which}") / "adapter")
+    adapters.append(m0)  # (d) seed only: M0 is exactly that model
+
+    def evaluate_all(d: Path) -> list[str]:
+        run.evaluate([x for a in adapters for x in ("--forward", str(a))], d)
+        (d / "ablation.md").write_text(ablation_table(d / "eval.json", adapters, seed_file, args.ablation_match,
+                                                      args.ablation_oracle))
+        print((d / "ablation.md").read_text())
+        return ["eval.json", "eval.md", "ablation.md"]
+    config = {"model": pre.model, "heldout": pre.heldout, "evaluate": run.eval_flags, "seed": args.seed}
+    if args.ablation_match != "pairs":  # its wording changes even if no adapter does
+        config["match"] = args.ablation_match
+    run.stage("ablation", config, [*adapters, *heldout_files(pre.heldout)], evaluate_all)
 
 
 def ablation_set(which: str, augmented: Path, curated: Path, seed: int,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 
 MIN_SCORE, MAX_SCORE = 1, 5
+SCORES = tuple(range(MIN_SCORE, MAX_SCORE + 1))  # 1, 2, 3, 4, 5
 
 _SCORE = re.compile(
     r"score\s*:\s*\**\s*(\d+)(?!\d|\.\d)"  # "Score:", optional bold, a whole integer (not 4.5)

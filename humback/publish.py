@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from humback.presets import Preset
+
 
 class PushError(RuntimeError):
     """The hub push failed; the upload folder is kept (its path is in the message)."""
@@ -160,3 +162,31 @@ def publish_dataset(jsonl: str | os.PathLike, repo_id: str, info: Mapping[str, A
     if push:
         push_folder(dst, repo_id, "dataset")
     return dst
+
+
+def publish_run(prefix: str, pre: Preset, work: Path, adapters: list[Path], curated_dirs: list[Path]) -> None:
+    """``pipeline.py --push-to-hub OWNER/PREFIX``: the forward adapters as PREFIX-m1 (-m2) and the
+    last curated set as PREFIX-curated; every upload folder is written first, then pushed. One
+    PushError naming every push that failed."""
+    from humback.curation import histogram, read_rated  # here, not at the top: humback.curation imports this module
+    errors = []
+    for i, adapter in enumerate(adapters, start=1):
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        info = dict(base_model=pre.model, direction="forward", tag=cfg.get("tag", "seed"),
+                    data=f"{pre.seed_data} + curated {' + '.join(pre.unlabelled)}", precision=pre.quantize or "bf16")
+        try:
+            publish_adapter(adapter, f"{prefix}-m{i}", info, work / "hub" / f"m{i}")
+        except PushError as e:
+            errors.append(str(e))
+    cdir = curated_dirs[-1]
+    rows = read_rated(cdir / "rated.jsonl")
+    info = dict(unlabelled=" + ".join(pre.unlabelled), backward_model=f"{pre.model} + backward LoRA",
+                rater=pre.rater_model or ("seed model M0" if len(curated_dirs) == 1 else "M1 (iteration 2)"),
+                threshold=pre.threshold, rated=len(rows), histogram=histogram(rows),
+                kept=sum(1 for _ in open(cdir / "curated.jsonl")))
+    try:
+        publish_dataset(cdir / "curated.jsonl", f"{prefix}-curated", info, work / "hub" / "curated")
+    except PushError as e:
+        errors.append(str(e))
+    if errors:
+        raise PushError("; ".join(errors))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.scores import parse_score
+from humback.scores import parse_score
 
 CASES = [
     # (rater output, expected score)

@@ -1,4 +1,4 @@
-"""data.ablation on hand-made folders: which pairs each set gets, and what ablation.md concludes
+"""humback.ablation on hand-made folders: which pairs each set gets, and what ablation.md concludes
 from per-answer NLLs whose comparison is known in advance."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.ablation import ablation_set, ablation_table
+from humback.ablation import ablation_set, ablation_table
 
 
 def test_ablation_with_an_empty_curated_set_names_the_file(tmp_path):

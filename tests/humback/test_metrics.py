@@ -1,4 +1,4 @@
-"""data/metrics.py on cases whose answer is known by hand, and against the reference packages
+"""humback/metrics.py on cases whose answer is known by hand, and against the reference packages
 (sacrebleu, rouge-score) when they are installed (the `test` extra installs them)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from data.metrics import (auc, bleu, clipped_matches, combine_orders, lcs_length, mean_rouge_l, nll_gap_to_draws,
+from humback.metrics import (auc, bleu, clipped_matches, combine_orders, lcs_length, mean_rouge_l, nll_gap_to_draws,
                           nll_per_token, paired_nll_gap, parse_verdict, preference_rate, rouge_l, rouge_tokens,
                           tokenize_13a)
 

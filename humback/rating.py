@@ -1,22 +1,22 @@
-"""Self-curation: the seed model rates every augmented pair 1-5; only the best are kept.
+"""Self-curation's rater: how each (instruction, output) pair gets its 1-5 score.
 
 Step 2 of instruction backtranslation (Li et al. 2023, Section 2.3). Self-augmentation
 gives many candidate pairs, and many are poor: the text was an ad, a menu, a forum
 post, or the generated instruction does not match it. The seed model (fine-tuned on
 the seed pairs only) is asked, with the prompt of the paper's Table 1
 (:func:`data.templates.rating_prompt`), to reason briefly and end with ``Score: N``.
-Pairs scored 5 form the paper's A5 set (A4 keeps scores >= 4); the next model is
-fine-tuned on them.
+Pairs scored 5 form the paper's A5 set (A4 keeps scores >= 4; :mod:`humback.curation`
+selects them); the next model is fine-tuned on them.
 
 Getting a score for every row. A small or briefly trained rater often forgets the
 score line, or writes ``Score: 10``. Then, instead of losing the row, we *force* the
 format: append ``Score:`` to the prompt (after the model's own reasoning) and ask the
 model which of the five digits it finds likeliest next, i.e. compare
 log p(" 1" | prompt) .. log p(" 5" | prompt). That always yields a score, so every row
-is rated either by ``"text"`` (parsed, :func:`data.scores.parse_score`) or by
+is rated either by ``"text"`` (parsed, :func:`humback.scores.parse_score`) or by
 ``"logprob"`` (the fallback), and ``score_method`` records which.
 
-As in :mod:`data.augment`, the model work is passed in as callables,
+As in :mod:`humback.backtranslate`, the model work is passed in as callables,
 
 * ``complete(prompts) -> texts``: the rater's free-text answers;
 * ``score_next(prompts) -> [{1: logp, ..., 5: logp}, ...]``: the fallback, built from
@@ -29,26 +29,21 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from data.augment import batches, read_done_ids
-from data.pairs import DataError, Pair, append_jsonl, iter_jsonl, require_unique_ids
-from data.scores import MAX_SCORE, MIN_SCORE, parse_score
-from data.templates import Tag, forward_prompt, rating_prompt
+from data.pairs import DataError, Pair, append_jsonl, batches, read_done_ids, require_unique_ids
+from data.templates import HEADER_STOP, Tag, forward_prompt, rating_prompt
+from humback.inference import Complete, LogProbs
+from humback.scores import MIN_SCORE, SCORES, parse_score
 
-SCORES = tuple(range(MIN_SCORE, MAX_SCORE + 1))  # 1, 2, 3, 4, 5
-
-Complete = Callable[[list[str]], list[str]]
 ScoreNext = Callable[[list[str]], list[dict[int, float]]]
-LogProbs = Callable[[list[str], list[str]], list[list[float]]]  # (prompts, continuations) -> per-token log p
 
 # After its verdict a few-shot rater tends to write the next demonstration
 # ("Example 4:\n...Score: 2"), and parse_score reads the *last* score line, so the text
 # is cut there. The sampler can stop at these strings too (generate(..., stop=RATER_STOPS)).
-RATER_STOPS = ("\n### ", "\nExample ")
+RATER_STOPS = (HEADER_STOP, "\nExample ")
 METHODS = ("text", "logprob", "likelihood", "none")  # the values of a rated row's score_method
 _NEXT_BLOCK = re.compile(r"^[ \t]*(?:#{2,}[ \t]*\w+:|Example \d+:)", re.MULTILINE)
 
@@ -104,7 +99,7 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
     """Rate every pair and append the rated rows to ``out_path``; skip ids already there.
 
     Args:
-        pairs: (instruction, output) candidates, e.g. the output of :func:`data.augment.augment`.
+        pairs: (instruction, output) candidates, e.g. the output of :func:`humback.backtranslate.augment`.
         complete: the rater: prompts in, free-text answers out, in order.
         score_next: the fallback for answers without a valid score (see module
             docstring); None disables it, and such rows get ``score: null``.
@@ -112,7 +107,7 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
         batch_size: prompts per ``complete`` call and rows per durable write.
         tag: the tag line the rater saw on its training data (None for none).
         done_files: more files whose ids count as done (a distributed rank's: see
-            :func:`data.augment.done_elsewhere`).
+            :func:`humback.sharding.done_elsewhere`).
 
     Each row is the pair plus ``k`` (the prompt's k_shot), ``rater_output`` (the raw
     text), ``score`` (1-5), ``score_method`` ("text", "logprob" or "none"), and for
@@ -219,80 +214,6 @@ def rate_by_likelihood(pairs: list[Pair], logprobs: LogProbs, out_path: str | Pa
         return [p.to_dict() | {"score": likelihood_score(x), "score_method": "likelihood", "information": round(x, 5)}
                 for p, x in zip(batch, info)]
     return _rate_in_batches(pairs, rate_batch, out_path, batch_size, progress, done_files)
-
-
-# --------------------------------------------------------------- reading the ratings
-
-
-def read_rated(path: str | Path) -> list[dict[str, Any]]:
-    """The rated rows of a file written by :func:`rate` (DataError if one has no score field)."""
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        if "score" not in row or "id" not in row:
-            raise DataError(f"{path}:{lineno}: not a rated row (needs 'id' and 'score'); was it written by curate.py?")
-        rows.append(row)
-    return rows
-
-
-def _score(row: Mapping[str, Any]) -> int | None:
-    s = row.get("score")
-    return s if isinstance(s, int) and s in SCORES else None
-
-
-def select(rated_rows: Iterable[Mapping[str, Any]], threshold: int = 5) -> list[Pair]:
-    """The pairs scored >= ``threshold``, as plain pairs for fine-tuning.
-
-    threshold=5 gives the paper's A5 set (the one its best model is trained on),
-    threshold=4 the larger, noisier A4. Rows without a score are never selected.
-    """
-    if threshold not in SCORES:
-        raise ValueError(f"threshold must be one of {list(SCORES)}, got {threshold}")
-    return [Pair.from_dict(row) for row in rated_rows
-            if (s := _score(row)) is not None and s >= threshold]
-
-
-def histogram(rated_rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
-    """How many rows got each score, {1: n1, ..., 5: n5} (zeros included; unscored rows left out)."""
-    counts = Counter(s for row in rated_rows if (s := _score(row)) is not None)
-    return {s: counts.get(s, 0) for s in SCORES}
-
-
-def render_histogram(hist: Mapping[int, int], width: int = 40) -> str:
-    """Text bars, highest score first::
-
-        5 | ##########                      12  30.0%
-        4 | ################                20  50.0%
-    """
-    total = sum(hist.values()) or 1
-    top = max(hist.values(), default=0) or 1
-    lines = []
-    for s in sorted(hist, reverse=True):
-        n = hist[s]
-        bar = "#" * round(width * n / top)
-        lines.append(f"{s} | {bar:<{width}} {n:>5} {100 * n / total:5.1f}%")
-    return "\n".join(lines)
-
-
-def method_counts(rated_rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """How the scores were obtained: {"text": n, "logprob": n, "likelihood": n, "none": n}."""
-    counts = Counter(row.get("score_method", "none") for row in rated_rows)
-    return {m: counts.get(m, 0) for m in METHODS}
-
-
-def extremes(rated_rows: Iterable[Mapping[str, Any]], n: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The ``n`` highest- and ``n`` lowest-rated rows, to eyeball what the rater rewards.
-
-    Ties are broken by the fallback's expected score, or the likelihood's information, where
-    there is one (a finer signal), then by file order.
-    """
-    rows = [dict(r) for r in rated_rows if _score(r) is not None]
-
-    def key(row: dict[str, Any]) -> float:
-        information = max(-1.0, min(1.0, row.get("information", 0.0)))  # likelihood rows' finer signal
-        return row["score"] + 0.01 * (row.get("expected_score", row["score"]) - row["score"]) + 0.001 * information
-    ranked = sorted(rows, key=key, reverse=True)  # sorted() is stable: file order within ties
-    lowest = sorted(rows, key=key)
-    return ranked[:n], lowest[:n]
 
 
 # -------------------------------------------------------------- the fallback from a model

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data.augment import (
-    augment,
-    clean_instruction,
-    degenerate_reason,
-    dropped_path,
-    is_repetitive,
-    parse_shard,
-    read_done_ids,
-    shard,
-)
-from data.pairs import DataError, Pair, read_pairs
+from data.pairs import DataError, Pair, dropped_path, read_done_ids, read_pairs
+from humback.backtranslate import augment, clean_instruction, degenerate_reason, is_repetitive
+from humback.sharding import parse_shard, shard
 
 OUTPUT = "Tides are caused mainly by the Moon's gravity, which pulls the oceans into two bulges."
 

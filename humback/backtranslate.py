@@ -12,41 +12,38 @@ it were an answer::
     <the model writes here>
 
 and whatever it writes becomes the text's instruction: a candidate training pair
-(instruction, output). Many candidates are poor; self-curation (:mod:`data.curate`)
+(instruction, output). Many candidates are poor; self-curation (:mod:`humback.rating`)
 rates them and keeps the best. This module only drops the ones that are broken in
 ways no rater is needed to see (empty, a copy of the text, a stuck loop), so the
 rater's time is not wasted on them.
 
-The model work is a parameter, ``complete(prompts) -> texts``, so the stage can be read
-and tested without a model; ``generate.py`` passes a lambda around
-:func:`model.sampling.generate`.
+The model work is a parameter of :func:`augment`, ``complete(prompts) -> texts``, so the
+step can be read and tested without a model; :func:`run` (``generate.py --unlabelled``)
+loads the backward model and passes :func:`humback.inference.completer`.
 
 Long runs get killed. Results are appended to the output file one batch at a time
 (:func:`data.pairs.append_jsonl` fsyncs each batch), dropped texts go to a sidecar file
 ``<out>.dropped.jsonl`` with the reason, and a re-run skips every id found in either
-file. An interrupted run therefore resumes where it stopped, losing at most the batch
-that was being generated, and no id is ever written twice.
-
-Several processes (``torchrun``, see ``generate.py``): rank r of n takes every n-th *batch*
-(:func:`shard_batches`), appends to its own part file (``aug.jsonl`` -> ``aug.rank{r}-of-{n}.jsonl``,
-resumable like any output), and rank 0 finally merges the parts into ``<out>`` in input order
-(:func:`merge_parts`). Since every batch is one a single process would have formed, and
-``generate.py`` seeds sampling by a batch's content, the merged file of an uninterrupted run
-holds exactly what one process would have written.
+file (:func:`data.pairs.read_done_ids`). An interrupted run therefore resumes where it
+stopped, losing at most the batch that was being generated, and no id is ever written twice.
+Under torchrun each process backtranslates its share of the batches (:mod:`humback.sharding`).
 """
 from __future__ import annotations
 
-import json
+import argparse
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from data.pairs import DataError, Pair, append_jsonl, require_unique_ids
-from data.templates import backward_prompt
-
-T = TypeVar("T")
+from data.pairs import (DataError, Pair, append_jsonl, as_unlabelled, batches, dropped_path, read_done_ids,
+                        read_pairs, require_unique_ids, sample)
+from data.readers import format_stats, load_source
+from data.templates import HEADER_STOP, backward_prompt
+from humback import inference, sharding
+from humback.cli import short
 
 # A generated instruction must be at least this long to be a request at all ("Hi", "?"),
 # and at most this long: a backward model that never stopped has written a text, not a
@@ -61,9 +58,24 @@ _HEADER = re.compile(r"^[ \t]*#{2,}[ \t]*(?:Instruction|Response|Input)\b", re.I
 
 # What the sampler should stop at, to save the tokens after the instruction
 # (``generate(..., stop=AUGMENT_STOPS)``); :func:`clean_instruction` cuts them anyway.
-AUGMENT_STOPS = ("\n### ", "\n\n\n")
+AUGMENT_STOPS = (HEADER_STOP, "\n\n\n")
 
 Complete = Callable[[list[str]], list[str]]
+
+
+# ------------------------------------------------------------------------ the texts
+
+
+def texts_to_backtranslate(pairs: Iterable[Pair]) -> list[Pair]:
+    """The outputs of ``pairs`` as unlabelled texts (pairs with an empty output are left out).
+
+    A labelled source (LIMA's answers, say) keeps each human instruction aside in
+    ``meta["human_instruction"]``, so a generated instruction can be compared with the one it
+    replaces; it rides along into the augmented pairs.
+    """
+    pairs = list(pairs)
+    return [replace(u, meta={**u.meta, "human_instruction": p.instruction}) if p.instruction.strip() else u
+            for p, u in zip(pairs, as_unlabelled(pairs)) if p.output.strip()]
 
 
 # ------------------------------------------------------------------------ cleaning
@@ -137,142 +149,6 @@ def degenerate_reason(instruction: str, output: str, min_chars: int = MIN_CHARS,
     return None
 
 
-# ---------------------------------------------------------------------- resuming
-
-
-def dropped_path(out_path: str | Path) -> Path:
-    """The sidecar file for dropped rows: ``aug.jsonl`` -> ``aug.dropped.jsonl``."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name.removesuffix(".jsonl") + ".dropped.jsonl")
-
-
-def read_done_ids(*paths: str | Path) -> set[str]:
-    """The ids already in these JSONL files (missing files count as empty).
-
-    A last line without its newline is the remains of a write that a crash cut short:
-    it is ignored here (so that row is done again) and removed by the next
-    :func:`data.pairs.append_jsonl`. Any other unreadable line is an error, because
-    silently redoing it could write its id twice.
-    """
-    done: set[str] = set()
-    for path in map(Path, paths):
-        if not path.is_file():
-            continue
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # split("\n") leaves "" after the final newline; anything else there is torn.
-        for lineno, line in enumerate(lines[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); cannot tell which rows are done") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a string 'id'")
-            done.add(row["id"])
-    return done
-
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with 0 <= i < n, or ValueError with a one-line message."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {spec!r}: expected i/n, e.g. 0/4 for the first of four shards") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {spec!r}: need 0 <= i < n")
-    return i, n
-
-
-def shard(items: Sequence[T], i: int, n: int) -> list[T]:
-    """Shard ``i`` of ``n``: every n-th item starting at position i (``items[i::n]``).
-
-    The n shards together hold every item exactly once, whatever the lengths, so n
-    machines can each run one shard (each with its own output file; concatenate after).
-    Splitting by position rather than by hash keeps the shards equal in size.
-    """
-    if not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-    return list(items[i::n])
-
-
-def batches(items: Sequence[T], size: int) -> list[list[T]]:
-    """Consecutive chunks of ``size`` (the last may be shorter)."""
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    return [list(items[k:k + size]) for k in range(0, len(items), size)]
-
-
-def shard_batches(items: Sequence[T], size: int, i: int, n: int) -> list[T]:
-    """Shard ``i`` of ``n`` by whole batches: batches i, i + n, i + 2n, ... of ``batches(items, size)``.
-
-    Unlike :func:`shard` (every n-th item), each shard is made of the very batches one process
-    would form, so batch by batch it computes the same thing: the same padding, and the same
-    sampling seed where the seed depends on the batch's prompts (``generate.batch_seed``)."""
-    return [x for batch in shard(batches(items, size), i, n) for x in batch]
-
-
-# ------------------------------------------------------------- parts of a distributed run
-
-
-def part_path(out_path: str | Path, rank: int, world: int) -> Path:
-    """Rank ``rank`` of ``world``'s own output: ``aug.jsonl`` -> ``aug.rank0-of-2.jsonl``."""
-    out_path = Path(out_path)
-    return out_path.with_name(f"{out_path.stem}.rank{rank}-of-{world}{out_path.suffix}")
-
-
-def part_files(out_path: str | Path) -> list[Path]:
-    """The part files of ``out_path`` on disk, whatever the number of ranks that wrote them
-    (an interrupted run may have used another number)."""
-    out_path = Path(out_path)
-    name = re.compile(re.escape(out_path.stem) + r"\.rank\d+-of-\d+" + re.escape(out_path.suffix))
-    folder = out_path.parent
-    return sorted(p for p in folder.iterdir() if name.fullmatch(p.name)) if folder.is_dir() else []
-
-
-def done_elsewhere(out_path: str | Path, part: Path) -> list[Path]:
-    """The files, besides ``part`` and its sidecar, whose ids a rank writing ``part`` must skip:
-    ``out_path`` and every other part file, with their dropped sidecars."""
-    files = [Path(out_path)] + [p for p in part_files(out_path) if p != part]
-    return [f for path in files for f in (path, dropped_path(path))]
-
-
-def _append_missing(target: Path, sources: Sequence[Path], position: dict[str, int]) -> int:
-    """Append to ``target`` the rows of ``sources`` whose ids it lacks, in ``position`` order."""
-    seen = read_done_ids(target)
-    rows = []
-    for source in sources:
-        if not source.is_file():
-            continue
-        # Complete lines only: a last line without "\n" is a write that a crash cut short.
-        for line in source.read_text(encoding="utf-8").split("\n")[:-1]:
-            if line.strip() and (row := json.loads(line))["id"] not in seen:
-                seen.add(row["id"])
-                rows.append(row)
-    rows.sort(key=lambda row: position.get(row["id"], len(position)))  # stable; unknown ids last
-    return append_jsonl(target, rows) if rows else 0
-
-
-def merge_parts(out_path: str | Path, order: Sequence[str]) -> int:
-    """Append the rows of every part file of ``out_path`` to it, then delete the parts.
-
-    Rows are appended sorted by their id's position in ``order`` (the input order), so a fresh
-    run's merged file equals a single process's output. Ids already in ``out_path`` are skipped,
-    so merging again after a crash never writes a row twice. Dropped sidecars are merged the same
-    way, and the parts are deleted only once both merges are durable. Returns the number of rows
-    appended to ``out_path``.
-    """
-    position = {id_: k for k, id_ in enumerate(order)}
-    parts = part_files(out_path)
-    appended = _append_missing(Path(out_path), parts, position)
-    _append_missing(dropped_path(out_path), [dropped_path(p) for p in parts], position)
-    for p in parts:
-        p.unlink()
-        dropped_path(p).unlink(missing_ok=True)
-    return appended
-
-
 # ------------------------------------------------------------------------- the stage
 
 
@@ -291,7 +167,7 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
             to. Dropped rows go to :func:`dropped_path` as ``{id, reason, generated}``.
         batch_size: prompts per ``complete`` call, and rows per durable write.
         done_files: more files whose ids count as done (a distributed rank's: see
-            :func:`done_elsewhere`).
+            :func:`humback.sharding.done_elsewhere`).
 
     Returns:
         counts: ``input`` (texts given), ``skipped_done`` (already in one of the files from
@@ -345,3 +221,45 @@ def format_counts(stats: dict[str, Any]) -> str:
     by_reason = stats.get("dropped_by_reason") or {}
     tail = " (" + ", ".join(f"{k}={v}" for k, v in by_reason.items()) + ")" if by_reason else ""
     return head + tail
+
+
+# ----------------------------------------------------------------- with a model: generate.py
+
+
+def run(args: argparse.Namespace) -> int:
+    """``generate.py --unlabelled SPEC --out JSONL``: load the backward model (--model + --adapter),
+    backtranslate the texts of SPEC (or this process's share of them) and print a few pairs."""
+    from lora import distributed
+
+    settings = inference.adapter_settings(args.adapter)
+    inference.check_direction(settings, "backward", "self-augmentation (writing instructions for texts)")
+    i, n = sharding.shard_flag(args.shard)
+    pairs, stats = load_source(args.unlabelled)
+    print(format_stats(args.unlabelled, stats))
+    texts = texts_to_backtranslate(pairs)
+    if not texts:
+        raise DataError(f"{args.unlabelled}: no texts to backtranslate")
+    if args.n is not None:
+        texts = sample(texts, args.n, args.seed)  # every shard draws the same sample, then splits it
+    mine, out, done_files = sharding.split_work(texts, args.out, args.batch_size, i, n)
+    world = distributed.world_size()
+    print(f"{len(mine)} texts to backtranslate" + (f" (shard {i}/{n})" if n > 1 else "")
+          + (f" (rank 0's share of {len(texts)}, over {world} processes)" if world > 1 else ""))
+
+    args.device = distributed.device_for_rank(args.device)
+    model, tok = inference.load_for_inference(args)
+    complete = inference.completer(model, tok, args, args.max_new_tokens, list(AUGMENT_STOPS) + (args.stop or []))
+    counts = augment(mine, complete, out, batch_size=args.batch_size, done_files=done_files,
+                     progress=not args.no_progress and distributed.is_main())
+    counts = sharding.merge_ranks(args.out, [p.id for p in texts], counts)
+    if counts is None:  # a rank other than 0: its part is written and merged
+        return 0
+    print(format_counts(counts))
+    ours = {p.id for p in (texts if world > 1 else mine)}  # rank 0 has merged every rank's rows
+    written = [p for p in read_pairs(args.out) if p.id in ours] if Path(args.out).is_file() else []
+    print(f"\n{len(written)} pairs in {args.out}; {min(5, len(written))} examples:")
+    for p in written[:5]:
+        human = p.meta.get("human_instruction")
+        human = f"\n  human's instruction: {short(human)}" if human else ""
+        print(f"- [{p.id}] instruction: {short(p.instruction)}{human}\n  output: {short(p.output)}")
+    return 0

@@ -18,15 +18,16 @@ p(output | instr)                                  human answers; :func:`judge_p
 Each is compared with the *untrained* base model prompted the same way: a number means little
 until we know what the model scored before training.
 
-As in :mod:`data.augment` and :mod:`data.curate`, the model work comes in as callables, so
-this module needs no torch and its tests need no model:
+As in :mod:`humback.backtranslate` and :mod:`humback.rating`, the model work comes in as
+callables, so this module needs no torch and its tests need no model:
 
 * ``complete(prompts) -> texts`` (generation),
 * ``logprobs(prompts, continuations) -> [[log p per token], ...]`` (scoring),
-* ``score_next`` (:func:`data.curate.logprob_scorer`) and ``choose``
+* ``score_next`` (:func:`humback.rating.logprob_scorer`) and ``choose``
   (:func:`choice_scorer`) for the log-probability fallbacks.
 
-``evaluate.py`` builds them from loaded models and writes the tables.
+:mod:`humback.evaluation` (``evaluate.py``) builds them from loaded models, and
+:mod:`humback.eval_report` writes the tables.
 """
 from __future__ import annotations
 
@@ -37,15 +38,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data.augment import clean_instruction
-from data.curate import (LogProbs, ScoreNext, clean_rating, forced_score_prompt, histogram, instruction_information,
-                         method_counts, rate, read_rated, verdict_from_logprobs)
-from data.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
-                          preference_rate, rouge_l)
 from data.pairs import DataError, Pair, sample, write_jsonl_atomic
 from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt, rating_prompt
+from humback.backtranslate import clean_instruction
+from humback.curation import histogram, method_counts, read_rated
+from humback.inference import Complete, LogProbs
+from humback.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
+                             preference_rate, rouge_l)
+from humback.rating import (ScoreNext, clean_rating, forced_score_prompt, instruction_information, rate,
+                            verdict_from_logprobs)
 
-Complete = Callable[[list[str]], list[str]]
 Choose = Callable[[list[str]], list[dict[str, float]]]
 
 
@@ -168,7 +170,7 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     """How well the rater's scores separate real pairs from mismatched ones.
 
     Every real pair and its mismatched twin is rated exactly as self-curation rates
-    (:func:`data.curate.rate`: the Table 1 prompt, the text score, the log-prob fallback),
+    (:func:`humback.rating.rate`: the Table 1 prompt, the text score, the log-prob fallback),
     and the scores are compared as a ranking: AUC 1.0 means every real pair scored above
     every mismatched one, 0.5 means the scores carry no information.
 
@@ -251,7 +253,7 @@ def reference_nll(pairs: Sequence[Pair], logprobs: LogProbs, tag: Tag | None = N
     together with the judged preference.
 
     Returns ``nll`` (nats per token), ``perplexity``, ``tokens`` (how many were scored) and
-    ``per_pair``: ``(summed -log p, tokens)`` of each answer, for :func:`data.metrics.paired_nll_gap`.
+    ``per_pair``: ``(summed -log p, tokens)`` of each answer, for :func:`humback.metrics.paired_nll_gap`.
     """
     rows = logprobs([forward_prompt(p.instruction, tag) for p in pairs], [p.output for p in pairs])
     if len(rows) != len(pairs):
@@ -281,14 +283,14 @@ def judge_pairwise(questions: Sequence[str], candidate: Sequence[str], baseline:
     """How often a judge prefers ``candidate``'s answers to ``baseline``'s, both orders judged.
 
     For each question the judge sees the two answers twice, candidate first (as A) and
-    candidate second (as B), and :func:`data.metrics.combine_orders` turns the two verdicts
-    into a win, a loss or a tie. Each verdict is read strictly (:func:`data.metrics.
+    candidate second (as B), and :func:`humback.metrics.combine_orders` turns the two verdicts
+    into a win, a loss or a tie. Each verdict is read strictly (:func:`humback.metrics.
     parse_verdict`); when the judge writes anything else, ``choose`` (if given) decides by
     comparing log p(" A") and log p(" B") after the prompt. Identical answers are a tie
     without asking the judge.
 
     Returns:
-        (summary, items): :func:`data.metrics.preference_rate`'s counts and rates, plus
+        (summary, items): :func:`humback.metrics.preference_rate`'s counts and rates, plus
         ``judgements`` (verdicts asked for), ``fallback_rate`` (share of them decided by
         log-probabilities) and ``first_position_rate`` (share of A-or-B verdicts that chose
         the first answer: 0.5 for a judge without position bias). Items hold each question's
@@ -333,7 +335,7 @@ def spelled_after(tok: Any, probe: str, words: Sequence[str]) -> list[str]:
     """How to spell each word as a continuation of ``probe`` (tokenized separately, as
     :func:`model.sampling.token_logprobs` does) so that its tokens are the ones the model
     would see in the running text ``probe + " " + word``: " A" for byte-level BPE, "A" for
-    sentencepiece (see :func:`data.curate.digit_continuations` for why). If neither form
+    sentencepiece (see :func:`humback.rating.digit_continuations` for why). If neither form
     matches, " word" is used: the comparison is then between whole strings, still fair.
     """
     base = tok.encode(probe)
@@ -347,7 +349,7 @@ def spelled_after(tok: Any, probe: str, words: Sequence[str]) -> list[str]:
 def choice_scorer(model: Any, tok: Any, choices: Sequence[str] = ("A", "B"), batch_size: int = 8) -> Choose:
     """``choose`` for :func:`judge_pairwise` from a loaded model: for each prompt (ending in
     "Verdict:"), ``{choice: log p(choice | prompt)}``."""
-    from model.sampling import score  # lazy: data/ does not need torch otherwise
+    from model.sampling import score  # lazy: the measures need no torch otherwise
 
     conts = spelled_after(tok, f"Answer B is better.\n{JUDGE_SUFFIX}", choices)
 
@@ -357,39 +359,3 @@ def choice_scorer(model: Any, tok: Any, choices: Sequence[str] = ("A", "B"), bat
         return [dict(zip(choices, flat[i * k:(i + 1) * k])) for i in range(len(prompts))]
 
     return choose
-
-
-# ------------------------------------------------------------------------------- tables
-
-Column = tuple[str, str, str]  # (key in the row, header, format spec such as ".2f")
-TEXT_COLUMNS = ("model", "adapter", "tag", "set")  # left-aligned; the rest are numbers, right-aligned
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """A GitHub Markdown table: one line per row, missing values as "-"."""
-    def cell(value: Any, spec: str) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float) and spec:
-            return format(value, spec)
-        return str(value)
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---" if k in TEXT_COLUMNS else "---:" for k, _, _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(k), spec) for k, _, spec in columns) + " |")
-    return "\n".join(lines)
-
-
-BACKWARD_COLUMNS: list[Column] = [("model", "model", ""), ("n", "pairs", ""), ("bleu", "BLEU", ".2f"),
-                                  ("rouge_l", "ROUGE-L", ".3f"), ("empty", "empty", "")]
-RATER_COLUMNS: list[Column] = [("model", "model", ""), ("n_real", "real", ""), ("n_mismatched", "mismatched", ""),
-                               ("auc", "AUC (score)", ".3f"), ("auc_expected", "AUC (expected score)", ".3f"),
-                               ("auc_likelihood", "AUC (likelihood)", ".3f"),
-                               ("valid_score_rate", "valid score rate", ".2f"), ("mean_real", "mean real", ".2f"),
-                               ("mean_mismatched", "mean mismatched", ".2f")]
-FORWARD_COLUMNS: list[Column] = [("model", "model", ""), ("tag", "tag", ""), ("n", "pairs", ""),
-                                 ("nll", "NLL/token", ".3f"), ("perplexity", "perplexity", ".2f"),
-                                 ("wins", "wins", ""), ("losses", "losses", ""), ("ties", "ties", ""),
-                                 ("win_rate", "win rate", ".2f"), ("win_rate_ties_half", "win+tie/2", ".2f"),
-                                 ("first_position_rate", "judge picks first", ".2f"),
-                                 ("fallback_rate", "judge fallback", ".2f")]

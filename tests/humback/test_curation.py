@@ -7,21 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from data.curate import (
-    clean_rating,
-    digit_continuations,
-    extremes,
-    forced_score_prompt,
-    histogram,
-    logprob_scorer,
-    method_counts,
-    rate,
-    read_rated,
-    render_histogram,
-    select,
-    verdict_from_logprobs,
-)
 from data.pairs import DataError, Pair
+from humback.curation import extremes, histogram, method_counts, read_rated, render_histogram, select
+from humback.rating import (clean_rating, digit_continuations, forced_score_prompt, logprob_scorer, rate,
+                            verdict_from_logprobs)
 
 # (rater's answer, expected score, expected method) with a fallback whose favourite is 2.
 TABLE = [
@@ -141,7 +130,7 @@ def test_killed_rating_resumes(tmp_path: Path) -> None:
 def test_likelihood_rating_scores_by_information_and_resumes(tmp_path: Path) -> None:
     """The likelihood method: score from the nats/token the instruction adds (bins 0/0.05/0.1/0.2),
     appended batch by batch like the prompt method, ids already rated skipped."""
-    from data.curate import likelihood_score, rate_by_likelihood
+    from humback.rating import likelihood_score, rate_by_likelihood
     assert [likelihood_score(x) for x in (-0.3, 0.0, 0.03, 0.07, 0.15, 0.2, 0.9)] == [1, 1, 2, 3, 4, 4, 5]
     gain = {f"instruction {i}": g for i, g in enumerate([-0.2, 0.04, 0.08, 0.15, 0.5])}
     calls = []
@@ -286,7 +275,7 @@ def test_logprob_fallback_on_a_tiny_model(tmp_path: Path) -> None:
 def test_one_pass_fallback_equals_scoring_each_digit(tmp_path: Path) -> None:
     """The one-forward fallback (next-token distribution after the shared space token) gives
     the same verdict and the same renormalised probabilities as scoring "1".."5" one by one."""
-    from data.curate import verdict_from_logprobs
+    from humback.rating import verdict_from_logprobs
     from model import load_model
     from model.sampling import score
     from tests.tiny import make_tiny

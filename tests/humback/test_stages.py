@@ -1,4 +1,4 @@
-"""data.stages: a stage is skipped when done, resumed when interrupted with the same settings,
+"""humback.stages: a stage is skipped when done, resumed when interrupted with the same settings,
 and started afresh (its folder cleared) when its settings or inputs changed."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.stages import MANIFEST, run_stage
+from humback.stages import MANIFEST, run_stage
 
 
 class Interrupted(Exception):
