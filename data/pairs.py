@@ -277,24 +277,42 @@ def _drop_torn_tail(path: Path) -> None:
         f.truncate(0)
 
 
-def append_jsonl(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]]) -> int:
+class WriteError(OSError):
+    """Writing a batch of rows failed (a full disk, a lost mount): the message names the file and
+    what was being written, and says the file still ends at its last whole row."""
+
+
+def append_jsonl(path: str | Path, rows: Iterable[Pair | Mapping[str, Any]], what: str = "rows") -> int:
     """Append rows to a JSONL file and make them durable; return how many were written.
 
-    Append-only, so earlier results are never rewritten; the batch is flushed and
-    fsync'ed before returning, so once this returns the rows survive a crash or power
-    loss. Call it once per batch (not per row: fsync is slow). A torn last line left
-    by an earlier crash is removed first (see :func:`_drop_torn_tail`).
+    Append-only, so earlier results are never rewritten. The whole batch goes out in one
+    ``write`` of whole lines, then flush and fsync, so once this returns the rows survive a
+    crash or power loss; call it once per batch (not per row: fsync is slow). If the write
+    fails (say the disk is full), the file is cut back to where it ended before, so it never
+    ends in a torn line, and :class:`WriteError` names the file and ``what`` was being written.
+    A torn last line left by an earlier crash (a kill in mid-write) is removed first
+    (:func:`_drop_torn_tail`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         _drop_torn_tail(path)
     text = "".join(_dump(r) for r in rows)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return text.count("\n")
+    n = text.count("\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            start = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(start)  # all of this batch or none of it
+                raise
+    except OSError as e:
+        raise WriteError(f"{path}: appending {n} {what} failed ({e.strerror or e}); the file still ends at its "
+                         f"last whole row, and a rerun resumes from there") from None
+    return n
 
 
 @contextmanager
@@ -315,8 +333,10 @@ def atomic_writer(path: str | Path, newline: str | None = None) -> Iterator[IO[s
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{path}: writing it failed ({e.strerror or e}); the file is as it was before") from None
         raise
 
 
@@ -339,6 +359,20 @@ def batches(items: Sequence[T], size: int) -> list[list[T]]:
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     return [list(items[k:k + size]) for k in range(0, len(items), size)]
+
+
+def unfinished_batches(items: Sequence[T], size: int, done: set[str]) -> list[list[T]]:
+    """The batches of ``items`` (:func:`batches`, by position in the whole input) that hold an item
+    whose ``id`` is not in ``done``, each whole, done items included.
+
+    This is the resume rule of every append-only stage: a batch is formed from the input as an
+    uninterrupted run would have formed it, and is redone whole if any of its rows is missing
+    (only the missing rows are written). Forming batches from the unfinished items alone would
+    shift every later batch after a crash in mid-batch, and a row's output can depend on its
+    batch (padding, the batch's sampling seed), so a resumed run would differ from an
+    uninterrupted one. With this rule it equals it, wherever the crash fell.
+    """
+    return [batch for batch in batches(items, size) if any(x.id not in done for x in batch)]
 
 
 def dropped_path(out_path: str | Path) -> Path:

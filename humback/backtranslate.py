@@ -38,8 +38,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data.pairs import (DataError, Pair, append_jsonl, as_unlabelled, batches, dropped_path, read_done_ids,
-                        read_pairs, require_unique_ids, sample)
+from data.pairs import (DataError, Pair, append_jsonl, as_unlabelled, dropped_path, read_done_ids, read_pairs,
+                        require_unique_ids, sample, unfinished_batches)
 from data.readers import format_stats, load_source
 from data.templates import HEADER_STOP, backward_prompt
 from humback import inference, sharding
@@ -186,13 +186,15 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
     if progress and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="augment", unit="text")
-    for batch in batches(todo, batch_size):
+    for batch in unfinished_batches(unlabelled, batch_size, done):
         texts = complete([backward_prompt(p.output) for p in batch])
         if len(texts) != len(batch):
             raise ValueError(f"complete() returned {len(texts)} texts for {len(batch)} prompts")
         kept: list[Pair] = []
         dropped: list[dict[str, str]] = []
         for pair, raw in zip(batch, texts):
+            if pair.id in done:  # finished before a crash in mid-batch: the batch was redone whole
+                continue
             instruction = clean_instruction(raw)
             reason = degenerate_reason(instruction, pair.output, min_chars, max_chars)
             if reason is None:
@@ -200,15 +202,16 @@ def augment(unlabelled: list[Pair], complete: Complete, out_path: str | Path, ba
             else:
                 reasons[reason] += 1
                 dropped.append({"id": pair.id, "reason": reason, "generated": raw})
-        # Kept rows first: if we die between the two writes, only dropped rows are redone.
+        # Two files, so two writes: a crash between them leaves this batch half recorded, and
+        # the rerun redoes it whole (unfinished_batches), writing only the dropped rows.
         if kept:
-            append_jsonl(out_path, kept)
+            append_jsonl(out_path, kept, "generated pairs")
         if dropped:
-            append_jsonl(side, dropped)
+            append_jsonl(side, dropped, "dropped rows")
         stats["written"] += len(kept)
         stats["dropped"] += len(dropped)
         if bar:
-            bar.update(len(batch))
+            bar.update(len(kept) + len(dropped))
     if bar:
         bar.close()
     stats["dropped_by_reason"] = dict(sorted(reasons.items()))

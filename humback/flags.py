@@ -18,23 +18,90 @@ parser                        script          runs
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
+from collections.abc import Callable
 
 from data.guanaco import EVAL_SPEC as DEFAULT_HELDOUT
 from humback.cli import DEFAULT_MODEL, add_compile_flag, add_model_flags
 from humback.presets import PRESETS, STAGES, Preset
 
+# ------------------------------------------------------------------ checked values
+# Every numeric flag has one of these as its argparse ``type``, so a value the run could not use
+# (a negative batch size, a NaN temperature, a top-p of 2) is refused while the flags are parsed:
+# one line naming the flag and the allowed range, exit code 2, before any model is loaded.
 
-def _parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+
+class FlagError(ValueError):
+    """A flag value a parser refused, when the parser was asked to raise rather than exit
+    (:func:`check_pipeline_flags` checks the flags the pipeline will pass on this way)."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``PROG: error: MESSAGE (see PROG --help)``,
+    instead of the usage block and the message. With ``raise_errors`` it raises :class:`FlagError`
+    instead of exiting, for a caller that reports the error in its own name."""
+
+    def __init__(self, *args, raise_errors: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raise_errors = raise_errors
+
+    def error(self, message: str):  # type: ignore[override]
+        if self.raise_errors:
+            raise FlagError(f"{self.prog}: {message}")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, low_open: bool = False,
+              high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval from ``low`` to ``high`` (each end
+    excluded when its ``*_open`` is set; ``high=inf``: no upper end). NaN and inf are refused."""
+    span = (("(" if low_open else "[") + f"{low:g}, " + ("inf)" if high == math.inf else
+                                                          f"{high:g}" + (")" if high_open else "]")))
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
+        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                  and (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = int_at_least(1)  # counts: batch sizes, token limits, steps, sample sizes
+NON_NEGATIVE = int_at_least(0)  # "every N steps" where 0 means never, warmup steps
+TEMPERATURE = number_in(0.0)  # 0 = greedy
+TOP_P = number_in(0.0, 1.0, low_open=True)  # the nucleus keeps at least the top token
+
+
+def _parser(prog: str, description: str | None, raise_errors: bool = False) -> FlagParser:
     # prog is fixed, so that a flag the pipeline passes on is refused in the script's name
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return FlagParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      raise_errors=raise_errors)
 
 
-def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+def train_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """train.py: LoRA/QLoRA fine-tuning, either direction."""
     from lora.finetune import TrainConfig  # lazy: the other parsers need no torch
     defaults = TrainConfig()
-    p = _parser("train.py", description)
+    p = _parser("train.py", description, raise_errors)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="training pairs: a JSONL of {instruction, output} (or any "
                    "'kind:path' spec data.readers understands, e.g. guanaco:FILE)")
@@ -45,36 +112,36 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "of an AI Assistant.', augmented = 'Answer with knowledge from web search.'); a pair's "
                         "own meta.tag, when present, wins")
     g.add_argument("--eval-data", default=None, help="held-out pairs for the eval loss (default: --eval-frac of --data)")
-    g.add_argument("--eval-frac", type=float, default=0.05, help="share of --data held out when no --eval-data (default 0.05)")
-    g.add_argument("--max-len", type=int, default=defaults.max_len,
+    g.add_argument("--eval-frac", type=number_in(0.0, 1.0, high_open=True), default=0.05, help="share of --data held out when no --eval-data (default 0.05)")
+    g.add_argument("--max-len", type=int_at_least(2), default=defaults.max_len,
                    help=f"tokens per example; longer ones are truncated keeping >= half for the target (default {defaults.max_len})")
     add_model_flags(p, adapter=False, training=True)
     g = p.add_argument_group("LoRA (defaults: r=8, alpha=32, dropout=0.05 on q/k/v/o; --qlora: r=64, alpha=16, all linears, lr 2e-4)")
     g.add_argument("--qlora", action="store_true", help="use the QLoRA recipe for r/alpha/targets/lr (explicit flags still win)")
-    g.add_argument("--r", "--lora-r", type=int, default=None, dest="r",
+    g.add_argument("--r", "--lora-r", type=POSITIVE, default=None, dest="r",
                    help=f"LoRA rank (default {defaults.r}); spell it --lora-r under torchrun, whose own parser "
                         "takes --r for an abbreviation of its flags")
-    g.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha; the update is scaled by alpha/r (default {defaults.alpha})")
-    g.add_argument("--dropout", type=float, default=None, help=f"dropout on the LoRA input (default {defaults.dropout})")
+    g.add_argument("--alpha", type=number_in(0.0, low_open=True), default=None, help=f"LoRA alpha; the update is scaled by alpha/r (default {defaults.alpha})")
+    g.add_argument("--dropout", type=number_in(0.0, 1.0, high_open=True), default=None, help=f"dropout on the LoRA input (default {defaults.dropout})")
     g.add_argument("--targets", default=None, help="comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,"
                    "gate_proj,up_proj,down_proj) or all-linear (default q,k,v,o)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {defaults.lr})")
-    g.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"examples per micro-batch (default {defaults.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help=f"linear warmup steps (default {defaults.warmup_steps})")
+    g.add_argument("--lr", type=number_in(0.0, low_open=True), default=None, help=f"peak learning rate (default {defaults.lr})")
+    g.add_argument("--epochs", type=POSITIVE, default=defaults.epochs, help=f"passes over the data (default {defaults.epochs})")
+    g.add_argument("--max-steps", type=POSITIVE, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=POSITIVE, default=defaults.batch_size, help=f"examples per micro-batch (default {defaults.batch_size})")
+    g.add_argument("--grad-accum", type=POSITIVE, default=defaults.grad_accum, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE, default=defaults.warmup_steps, help=f"linear warmup steps (default {defaults.warmup_steps})")
     g.add_argument("--schedule", choices=["cosine", "linear"], default=defaults.schedule, help="decay after warmup (default cosine)")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default 0)")
-    g.add_argument("--clip", type=float, default=defaults.clip, help="gradient-norm clipping (default 1.0)")
+    g.add_argument("--weight-decay", type=number_in(0.0), default=defaults.weight_decay, help="AdamW weight decay (default 0)")
+    g.add_argument("--clip", type=number_in(0.0, low_open=True), default=defaults.clip, help="gradient-norm clipping (default 1.0)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--no-autocast", action="store_true", help="disable bf16 autocast (on by default where supported)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="seed for LoRA init, data order, dropout (default 0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=defaults.seed, help="seed for LoRA init, data order, dropout (default 0)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=defaults.out_dir, help=f"run folder (default {defaults.out_dir})")
-    g.add_argument("--eval-every", type=int, default=defaults.eval_every, help="eval loss every N steps (0 = only at the end)")
-    g.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps (0 = never)")
+    g.add_argument("--eval-every", type=NON_NEGATIVE, default=defaults.eval_every, help="eval loss every N steps (0 = only at the end)")
+    g.add_argument("--save-every", type=NON_NEGATIVE, default=defaults.save_every, help="checkpoint every N steps (0 = never)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
@@ -83,9 +150,9 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def generate_parser(description: str | None = None) -> argparse.ArgumentParser:
+def generate_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """generate.py: prompts, self-augmentation or predictions (exactly one mode)."""
-    p = _parser("generate.py", description)
+    p = _parser("generate.py", description, raise_errors)
     mode = p.add_argument_group("mode (give exactly one)").add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                       help="prompt text; repeat the flag to generate for several prompts in one batch")
@@ -97,21 +164,21 @@ def generate_parser(description: str | None = None) -> argparse.ArgumentParser:
                            "writes --out as CSV id,instruction,output")
     add_model_flags(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=None,
                    help="tokens to generate per prompt (default: 64 for --prompt and self-augmentation, "
                         "512 for --predict)")
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("--temperature", type=TEMPERATURE, default=None,
                    help="0 = greedy; default 0 for --prompt, else 0.7 as in the paper")
-    g.add_argument("--top-p", type=float, default=None,
+    g.add_argument("--top-p", type=TOP_P, default=None,
                    help="nucleus sampling mass; default 1.0 for --prompt, else 0.9 as in the paper")
     g.add_argument("--stop", action="append", default=None, help="extra stop string (repeatable); cut from the output")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, and the --n sample's seed (default 0)")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed, and the --n sample's seed (default 0)")
+    g.add_argument("--batch-size", type=POSITIVE, default=16, help="prompts generated together (default 16)")
     add_compile_flag(g)
     g = p.add_argument_group("self-augmentation and predictions")
     g.add_argument("--out", default=None,
                    help="output file: JSONL of generated pairs (appended to, resumable) or, with --predict, CSV")
-    g.add_argument("--n", "--n-texts", type=int, default=None, dest="n",
+    g.add_argument("--n", "--n-texts", type=POSITIVE, default=None, dest="n",
                    help="use a seeded random sample of N texts (default: all); spell it --n-texts under torchrun, "
                         "whose own parser takes --n for an abbreviation of its flags")
     g.add_argument("--shard", default=None,
@@ -123,9 +190,9 @@ def generate_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def curate_parser(description: str | None = None) -> argparse.ArgumentParser:
+def curate_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """curate.py: self-curation (rate, select, report)."""
-    p = _parser("curate.py", description)
+    p = _parser("curate.py", description, raise_errors)
     g = p.add_argument_group("data")
     g.add_argument("--pairs", required=True,
                    help="pairs to rate: generate.py's self-augmentation output (or any spec data.readers reads)")
@@ -141,15 +208,15 @@ def curate_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="prompt: the paper's Table 1 rating prompt, 'Score: N' (default); likelihood: no prompt, "
                         "score 1-5 from how much the instruction raises log p(output) per token (for raters too "
                         "small to follow the prompt; see humback/rating.py rate_by_likelihood)")
-    g.add_argument("--k-shot", type=int, default=3,
+    g.add_argument("--k-shot", type=int, default=3, choices=range(0, 6),
                    help="few-shot demonstrations before the Table 1 prompt, 0-5 (default 3; the paper uses 0)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
                    help="tag line in the rating prompt; auto = 'seed' if the adapter was trained with a tag, else none")
-    g.add_argument("--max-new-tokens", type=int, default=96, help="tokens for the reasoning and score (default 96)")
-    g.add_argument("--temperature", type=float, default=0.0, help="rater sampling temperature (default 0: greedy)")
-    g.add_argument("--top-p", type=float, default=1.0, help="rater nucleus mass (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, used when --temperature > 0 (default 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="pairs rated together (default 8)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=96, help="tokens for the reasoning and score (default 96)")
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="rater sampling temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="rater nucleus mass (default 1.0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed, used when --temperature > 0 (default 0)")
+    g.add_argument("--batch-size", type=POSITIVE, default=8, help="pairs rated together (default 8)")
     add_compile_flag(g)
     g.add_argument("--no-fallback", action="store_true",
                    help="do not score unreadable answers from log-probabilities (they stay unscored)")
@@ -160,9 +227,9 @@ def curate_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_parser(description: str | None = None) -> argparse.ArgumentParser:
+def evaluate_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """evaluate.py: every model on held-out pairs, against the base."""
-    p = _parser("evaluate.py", description)
+    p = _parser("evaluate.py", description, raise_errors)
     g = p.add_argument_group("what to evaluate (one or more)")
     g.add_argument("--backward", metavar="ADAPTER", default=None,
                    help="backward adapter (train.py --direction backward)")
@@ -181,23 +248,23 @@ def evaluate_parser(description: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("held-out data")
     g.add_argument("--heldout", default=DEFAULT_HELDOUT,
                    help=f"pairs no model trained on: any data.readers spec (default {DEFAULT_HELDOUT})")
-    g.add_argument("--n", type=int, default=50, help="seeded sample of this many pairs (default 50)")
+    g.add_argument("--n", type=POSITIVE, default=50, help="seeded sample of this many pairs (default 50)")
     g.add_argument("--exclude", action="append", default=[],
                    help="drop held-out pairs that appear in this data too (repeatable; any data.readers spec)")
-    g.add_argument("--max-output-chars", type=int, default=2000,
+    g.add_argument("--max-output-chars", type=POSITIVE, default=2000,
                    help="cut each held-out answer to this many characters, so prompts fit the context (default 2000)")
     g = p.add_argument_group("prompting and decoding (greedy by default, so runs repeat exactly)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
                    help="tag line of rater/forward prompts; auto = 'seed' if the adapter was trained with a tag "
                         "(the base model is prompted with the same tag as the adapter it is compared with)")
     g.add_argument("--k-shot", type=int, default=3, choices=range(0, 6), help="few-shot examples in the rating prompt")
-    g.add_argument("--instruction-tokens", type=int, default=64, help="max new tokens per instruction (--backward)")
-    g.add_argument("--rating-tokens", type=int, default=96, help="max new tokens per rating (--rater)")
-    g.add_argument("--answer-tokens", type=int, default=256, help="max new tokens per answer (--forward)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed for the sample, the mismatching and sampling (default 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    g.add_argument("--instruction-tokens", type=POSITIVE, default=64, help="max new tokens per instruction (--backward)")
+    g.add_argument("--rating-tokens", type=POSITIVE, default=96, help="max new tokens per rating (--rater)")
+    g.add_argument("--answer-tokens", type=POSITIVE, default=256, help="max new tokens per answer (--forward)")
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus mass when sampling (default 1.0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for the sample, the mismatching and sampling (default 0)")
+    g.add_argument("--batch-size", type=POSITIVE, default=8, help="prompts per forward pass (default 8)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="folder for eval.json, eval.md, per-model rows and plots")
     g.add_argument("--no-plots", action="store_true", help="no PNG plots even if matplotlib is installed")
@@ -205,9 +272,9 @@ def evaluate_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def pipeline_parser(description: str | None = None) -> argparse.ArgumentParser:
+def pipeline_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """pipeline.py: the whole method as cached stages."""
-    p = _parser("pipeline.py", description)
+    p = _parser("pipeline.py", description, raise_errors)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="recipe to run (default demo)")
     p.add_argument("--workdir", required=True, help="run folder; each stage writes WORKDIR/<stage>/")
     p.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
@@ -222,8 +289,8 @@ def pipeline_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="texts to backtranslate: one or more specs (lima:..., web:..., a JSONL); several are "
                         "pooled, e.g. curated answers + raw web pages, to see which ones curation keeps")
     g.add_argument("--test-prompts", help="held-out prompts for 'respond' (lima-prompts:..., a JSONL)")
-    g.add_argument("--n-seed", type=int, help="sample this many seed pairs")
-    g.add_argument("--n-unlabelled", type=int, help="sample this many unlabelled texts from each source")
+    g.add_argument("--n-seed", type=POSITIVE, help="sample this many seed pairs")
+    g.add_argument("--n-unlabelled", type=POSITIVE, help="sample this many unlabelled texts from each source")
     g.add_argument("--threshold", type=int, choices=range(1, 6), help="keep pairs rated >= this (paper: 5)")
     g.add_argument("--k-shot", type=int, choices=range(0, 6), help="few-shot examples in the rating prompt")
     g.add_argument("--rater-model", metavar="MODEL",
@@ -244,7 +311,7 @@ def pipeline_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--ablation-train-args", default="",
                    help="extra train.py flags for the ablate-* trainings only, after --train-args (e.g. "
                         "\"--epochs 3\": their sets are small)")
-    g.add_argument("--ablation-draws", type=int, default=1, metavar="K",
+    g.add_argument("--ablation-draws", type=POSITIVE, default=1, metavar="K",
                    help="train (b), the random same-size set, on K different random draws (sample and training "
                         "seed SEED, SEED+1, ...), because one draw can be lucky: ablation.md then says how many "
                         "of the K draws (a) beats. If curation made no difference, (a) would still beat all K by "
@@ -258,7 +325,7 @@ def pipeline_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "the texts from SOURCE only (a source of a pooled --unlabelled, e.g. 'lima' in a LIMA + web "
                         "pool): what a rater that knew which texts are good would keep. If (e) is not shown better "
                         "than (b) either, the comparison of (a) with (b) says little about the rater")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling data and decoding (default 0)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed for sampling data and decoding (default 0)")
     g.add_argument("--push-to-hub", metavar="OWNER/PREFIX", default=None,
                    help="push the forward adapter(s) as OWNER/PREFIX-m1 (-m2) and the curated data as "
                         "OWNER/PREFIX-curated (upload folders are written under WORKDIR/hub first)")
@@ -269,8 +336,6 @@ def pipeline_parser(description: str | None = None) -> argparse.ArgumentParser:
 def check_pipeline_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, pre: Preset) -> None:
     """The pipeline's flag combinations that cannot work, refused by argparse (exit code 2) before
     any file is written; ``pre`` is the resolved preset (:func:`humback.presets.resolve_preset`)."""
-    if args.ablation_draws < 1:
-        parser.error(f"--ablation-draws must be >= 1, got {args.ablation_draws}")
     if (args.ablation_draws > 1 or args.ablation_match != "pairs") and not args.ablation:
         parser.error("--ablation-draws and --ablation-match shape the ablation: add --ablation")
     if args.ablation_oracle and not args.ablation:
@@ -278,3 +343,30 @@ def check_pipeline_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     if pre.rater_model and pre.iterations == 2:  # iteration 2 exists to rate with M1; a fixed rater repeats iteration 1
         parser.error(f"--rater-model replaces the rater of every iteration, so iteration 2 would repeat iteration 1 "
                      f"(the {args.preset} preset has 2): add --iterations 1")
+    check_passed_flags(parser, args, pre)
+
+
+# What a stage passes besides a --*-args string: the flags each command requires, with stand-in
+# values, so that the string can be parsed by the command's own parser long before the stage runs.
+_REQUIRED = {"train": ["--data", "-"], "generate": ["--unlabelled", "-", "--out", "-"],
+             "curate": ["--pairs", "-", "--out", "-", "--curated", "-"], "evaluate": ["--out", "-"]}
+
+
+def check_passed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, pre: Preset) -> None:
+    """Parse the flags the pipeline will pass on (the preset's, with --train-args, --augment-args,
+    --curate-args, --eval-args and --ablation-train-args added) with each command's own parser, so
+    that a value the command would refuse stops the pipeline now, in one line, not hours later when
+    its stage starts."""
+    builders = {"train": train_parser, "generate": generate_parser, "curate": curate_parser,
+                "evaluate": evaluate_parser}
+    passed = [("--train-args", "train", pre.train), ("--augment-args", "generate", pre.augment),
+              ("--curate-args", "curate", pre.curate), ("--eval-args", "evaluate", pre.evaluate),
+              ("--ablation-train-args", "train", pre.train + shlex.split(args.ablation_train_args))]
+    for flag, command, argv in passed:
+        if "-h" in argv or "--help" in argv:
+            parser.error(f"{flag}: --help is not a flag to pass on to {command}.py (run {command}.py --help)")
+        try:
+            builders[command](raise_errors=True).parse_args(_REQUIRED[command] + argv)
+        except FlagError as e:
+            parser.error(f"{flag}: {e}")
+

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from data.pairs import DataError, Pair, append_jsonl, batches, read_done_ids, require_unique_ids
+from data.pairs import DataError, Pair, append_jsonl, read_done_ids, require_unique_ids, unfinished_batches
 from data.templates import HEADER_STOP, Tag, forward_prompt, rating_prompt
 from humback.inference import Complete, LogProbs
 from humback.scores import MIN_SCORE, SCORES, parse_score
@@ -155,14 +155,14 @@ def _rate_in_batches(pairs: list[Pair], rate_batch: Callable[[list[Pair]], list[
     if progress and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="rate", unit="pair")
-    for batch in batches(todo, batch_size):
-        rows = rate_batch(batch)
-        append_jsonl(out_path, rows)
+    for batch in unfinished_batches(pairs, batch_size, done):  # a batch is redone whole: see its docstring
+        rows = [row for row in rate_batch(batch) if row["id"] not in done]
+        append_jsonl(out_path, rows, "rated rows")
         for row in rows:
             stats[row["score_method"]] += 1
         stats["rated"] += len(rows)
         if bar:
-            bar.update(len(batch))
+            bar.update(len(rows))
     if bar:
         bar.close()
     return stats

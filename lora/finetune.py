@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batching import (collate, length_grouped_batches, masked_lm_loss, target_token_count,
                            tokenize_pair)
-from model.load import half_dtype, native_bf16, parse_dtype, pick_device
+from model.load import CheckpointError, half_dtype, native_bf16, parse_dtype, pick_device
 from model.lm_loss import fused_lm_loss
 
 from . import distributed
@@ -154,6 +154,26 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, names: list[st
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, model, optimizer, names, cfg, step, rng_states, scaler)
+    except Exception as e:  # a full disk shows up as OSError or as safetensors' own error type
+        # Nothing half-written stays behind, and the run stops saying where it can resume from.
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(ckpt_root)
+        raise CheckpointError(f"writing checkpoint {final} failed ({type(e).__name__}: {e}); removed {tmp.name}; "
+                              f"the last good checkpoint is {last or 'none (--resume would start afresh)'}") from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    old = sorted(ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, names: list[str], cfg: TrainConfig, step: int,
+                      rng_states: list[torch.Tensor] | None, scaler: torch.amp.GradScaler | None) -> None:
+    """The files of one checkpoint, into the temporary folder ``tmp``."""
     tmp.mkdir(parents=True)
     save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.base_model)
     rng_states = rng_states or [torch.get_rng_state()]
@@ -171,13 +191,6 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, names: list[st
     if scaler is not None and scaler.is_enabled():  # fp16: resume with the same scale
         state["grad_scaler"] = scaler.state_dict()
     (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    old = sorted(ckpt_root.glob("step-*"))[:-cfg.keep_checkpoints]
-    for d in old:
-        shutil.rmtree(d, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

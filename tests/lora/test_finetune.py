@@ -214,3 +214,37 @@ def test_train_script_push_offline_keeps_the_upload_folder(tiny_dir, tmp_path, c
     up = out / "hub-upload"
     assert {p.name for p in up.iterdir()} == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
     assert "base_model:" in (up / "README.md").read_text()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_removed_and_names_the_last_good_one(tiny_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A full disk while writing the step-4 checkpoint: one clear error naming step 2 as the last
+    good checkpoint, no temporary folder left, and --resume then finishes the run exactly."""
+    import errno
+
+    from model.load import CheckpointError
+    real_save = finetune.save_file
+    calls = {"n": 0}
+
+    def disk_full_on_second(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save(tensors, path, *a, **k)  # part of the file made it to disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *a, **k)
+    monkeypatch.setattr(finetune, "save_file", disk_full_on_second)
+    with pytest.raises(CheckpointError) as e:
+        run(tmp_path / "full", tiny_dir, 8)
+    message = str(e.value)
+    assert "\n" not in message and "step-000004" in message and "No space left on device" in message
+    assert message.endswith(f"the last good checkpoint is {tmp_path / 'full/checkpoints/step-000002'}")
+    assert sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir()) == ["step-000002"]  # no .tmp
+
+    monkeypatch.setattr(finetune, "save_file", real_save)
+    run(tmp_path / "full", tiny_dir, 8, resume=True)
+    run(tmp_path / "straight", tiny_dir, 8)
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "full/adapter/adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert comparable_log(tmp_path / "straight/metrics.jsonl") == comparable_log(tmp_path / "full/metrics.jsonl")
