@@ -80,8 +80,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, H, T, D) at slots [start, start+T); return every slot written so far."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, H, T, D) at slots [start, start+T); return every slot written so far.
+
+        ``start`` may also be a tensor (B,) of slots, one per row, for one new token per row
+        (T == 1): the engine's rows have different lengths (model/engine.py). Then the first
+        ``end`` slots are returned, and the attention mask says which of them each row sees."""
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
+            return self.k[:, :, :end], self.v[:, :, :end]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -99,14 +109,14 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, start_pos: int | None) -> torch.Tensor:
+                mask: torch.Tensor | None, start_pos: int | torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start_pos is not None:
-            k, v = self.cache.update(start_pos, k, v)
+            k, v = self.cache.update(start_pos, k, v, None if mask is None else mask.shape[-1])
         # Without a mask, a causal mask is only needed when queries see their own block of keys.
         causal = mask is None and T > 1 and k.shape[2] == T
         # Grouped-query attention: each kv head serves n_heads / n_kv_heads consecutive q heads.
@@ -170,6 +180,8 @@ class Llama(nn.Module):
     * prefill: ``model(ids, attention_mask, position_ids, start_pos=0)`` after ``setup_cache``;
     * decode: ``model(next_ids[:, None], attention_mask, position_ids, start_pos=t)``.
     ``attention_mask`` (B, S) marks real tokens (1) vs padding (0) over every slot seen so far.
+    For decode, ``start_pos`` may be a tensor (B,): each row's own slot for its one new token, as
+    the inference engine's rows have different lengths (model/engine.py).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -216,7 +228,7 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x[:, -1]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, start_pos: int | None = None,
+                position_ids: torch.Tensor | None = None, start_pos: int | torch.Tensor | None = None,
                 last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position with ``last_only``.
 
@@ -224,7 +236,10 @@ class Llama(nn.Module):
         states (B, T, hidden): training feeds them to ``model.lm_loss.fused_lm_loss``, which puts
         only the labelled positions through the head, a chunk at a time."""
         B, T = input_ids.shape
-        start = start_pos or 0
+        per_row = isinstance(start_pos, torch.Tensor)  # the engine's decode step: rows of different lengths
+        if per_row and (T != 1 or attention_mask is None or position_ids is None):
+            raise ValueError("per-row start_pos: one token per row, with attention_mask and position_ids")
+        start = 0 if per_row else (start_pos or 0)
         if position_ids is None:
             if attention_mask is not None and start_pos is None:
                 # Left padding: a row's first real token is position 0 (cumsum - 1, as torchtune).
@@ -234,7 +249,9 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if per_row:  # one query per row; the row's key mask says which of the slots are its own
+            mask = attention_mask.bool()[:, None, None, :]
+        elif attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask, start, T)
         elif T > 1 and start > 0:  # a block of queries after cached keys: causal with an offset
             mask = attention_mask_4d(torch.ones(B, start + T, device=input_ids.device), start, T)

@@ -1,23 +1,30 @@
 """Batched, KV-cached sampling and log-probability scoring: the two ways the pipeline uses a model.
 
-``generate`` serves self-augmentation (the backward model writes instructions) and the forward
-model's answers; ``score`` serves the rater's fallback (which of " 1".." 5" is likeliest) and the
-evaluation's negative log-likelihoods.
+``generate`` serves self-augmentation (the backward model writes instructions), the rater's
+"Score: N" and the forward model's answers; ``next_token_logprobs`` serves the rater's fallback
+(which of "1".."5" is likeliest after a forced "Score:"), ``token_logprobs``/``score`` the
+likelihood rater and the evaluation's negative log-likelihoods.
 
-Batching prompts of different lengths (as meta-llama's generation.py): prompts are *left*-padded
-so that every row's next token lands in the same cache slot. Padding is hidden from attention by
-the mask, and each row's positions count from its first real token (cumsum of the mask - 1), so a
-padded row computes exactly what it would alone. Then one prefill forward fills the cache and
-each decode step feeds one token per row.
+``generate`` runs on the inference engine (model/engine.py): the prefix every prompt shares is
+computed once, and a fixed number of cache rows ("slots") decode together, each refilled with the
+next prompt as soon as its row ends. The two scorers share the prefix the same way.
+
+``generate_tokens`` is the plain static-batch loop the engine replaces, kept because it is the
+shortest complete picture of KV-cached decoding, and because the compiled decode step
+(``compile=True``, model/compiled.py) runs on it: prompts are *left*-padded so that every row's
+next token lands in the same cache slot; padding is hidden from attention by the mask, and each
+row's positions count from its first real token (cumsum of the mask - 1), so a padded row
+computes what it would alone. One prefill forward fills the cache, then each decode step feeds
+one token per row.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import compiled
+from . import compiled, engine
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -62,11 +69,12 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
 @torch.inference_mode()
 def generate_tokens(model: Llama, rows: list[list[int]], max_new_tokens: int, pad_id: int,
                     stop_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                    generator: torch.Generator | None = None,
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None,
                     should_stop: Callable[[list[int]], bool] | None = None,
                     compile: bool = False) -> list[list[int]]:
     """The decoding loop on token ids: new ids per row, ending before a stop id (not included)
-    or after the step at which ``should_stop(new_ids)`` first says so.
+    or after the step at which ``should_stop(new_ids)`` first says so. ``generator``: one for the
+    batch, or one per row (each row then samples from its own, as the engine's rows do).
 
     ``compile=True`` runs the decode steps through ``torch.compile`` (model/compiled.py): much
     faster per token, but the first call for a batch size compiles (about a minute for
@@ -93,7 +101,11 @@ def generate_tokens(model: Llama, rows: list[list[int]], max_new_tokens: int, pa
         logits = model(ids, mask[:, :L], positions, start_pos=0, last_only=True)[:, -1]
         pos = positions[:, -1:]
         for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_p, generator)
+            if isinstance(generator, Sequence) and temperature > 0:
+                nxt = torch.cat([sample_next(logits[i:i + 1], temperature, top_p, generator[i]) if i < n_rows
+                                 else logits[i:i + 1].argmax(-1) for i in range(B)])  # padding rows: anything
+            else:
+                nxt = sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[:, t] = nxt
             hit = torch.isin(nxt, stops) & ~done
@@ -118,20 +130,62 @@ def generate_tokens(model: Llama, rows: list[list[int]], max_new_tokens: int, pa
     return [out[i, :lengths[i]].tolist() for i in range(n_rows)]
 
 
-def generate_batch(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-                   generator: torch.Generator | None = None, compile: bool = False) -> list[str]:
-    """Complete one batch of prompts together (see module docstring). Returns only new text,
-    cut before the first stop string."""
-    should_stop = (lambda new: _first_stop(tokenizer.decode(new), stop) is not None) if stop else None
-    new_ids = generate_tokens(model, encode_prompts(tokenizer, prompts), max_new_tokens, tokenizer.pad_id,
-                              tokenizer.stop_ids, temperature, top_p, generator, should_stop, compile)
-    texts = []
-    for ids in new_ids:
-        text = tokenizer.decode(ids)
-        cut = _first_stop(text, stop) if stop else None
-        texts.append(text if cut is None else text[:cut])
-    return texts
+def stop_checker(tokenizer: Tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool]:
+    """``should_stop(new_ids)``: whether a stop string has appeared, checked incrementally: only
+    the last few tokens are decoded (enough for the longest stop string, as every token decodes
+    to at least one character), not the row's whole output at every step."""
+    window = max(len(s) for s in stop) + 8
+    return lambda new: _first_stop(tokenizer.decode(new[-window:]), stop) is not None
+
+
+def _finish(tokenizer: Tokenizer, ids: list[int], stop: Sequence[str] | None) -> str:
+    """A row's text: its new ids decoded once, cut before the first stop string."""
+    text = tokenizer.decode(ids)
+    cut = _first_stop(text, stop) if stop else None
+    return text if cut is None else text[:cut]
+
+
+def generate_stream(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
+                    temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                    seed: int = 0, batch_size: int = 16, progress: bool = False,
+                    compile: bool = False) -> Iterator[tuple[int, str]]:
+    """``generate``, yielding ``(index, text)`` for each prompt as soon as its row finishes (in the
+    order rows finish, not the order of ``prompts``)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    rows = encode_prompts(tokenizer, prompts)
+    should_stop = stop_checker(tokenizer, stop) if stop else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+    if compile and compiled.supported(model):
+        results = _static_batches(model, tokenizer, rows, max_new_tokens, temperature, top_p, should_stop, seed,
+                                  batch_size)
+    else:
+        results = engine.stream(model, rows, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids, temperature,
+                                top_p, seed, batch_size, should_stop)
+    for i, ids in results:
+        yield i, _finish(tokenizer, ids, stop)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+
+
+def _static_batches(model: Llama, tokenizer: Tokenizer, rows: list[list[int]], max_new_tokens: int,
+                    temperature: float, top_p: float, should_stop, seed: int,
+                    batch_size: int) -> Iterator[tuple[int, list[int]]]:
+    """The compiled path: prompts grouped by length into static batches (less padding) through
+    ``generate_tokens``; each row still samples from its own generator (``engine.row_seed``)."""
+    device = model.model.embed_tokens.weight.device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        gens = [torch.Generator(device=device).manual_seed(engine.row_seed(seed, rows[i])) for i in idx]
+        new = generate_tokens(model, [rows[i] for i in idx], max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
+                              temperature, top_p, gens, should_stop, compile=True)
+        yield from zip(idx, new)
 
 
 def generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
@@ -139,31 +193,17 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new
              seed: int = 0, batch_size: int = 16, progress: bool = False, compile: bool = False) -> list[str]:
     """Complete every prompt; returns the new text of each (without the prompt), in order.
 
-    Prompts are grouped by length into batches of ``batch_size`` (less padding), generation stops
-    per row at an EOS/stop id or at the first of the ``stop`` strings (which is cut off), and
-    ``seed`` makes sampling (temperature > 0, top-p) repeatable. ``compile=True`` compiles the
-    decode step (see ``generate_tokens``): worth it for many prompts, not for a few.
+    ``batch_size`` prompts decode together (the engine's slots, refilled as rows finish: see
+    model/engine.py); generation stops per row at an EOS/stop id or at the first of the ``stop``
+    strings (which is cut off); sampling (temperature > 0, top-p) draws each prompt's tokens from
+    a generator seeded by ``seed`` and that prompt, so a prompt gets the same text whatever the
+    batch. ``compile=True`` compiles the decode step (see ``generate_tokens``): worth it for many
+    prompts, not for a few.
     """
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    device = model.model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[str] = [""] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
-    for idx in batches:
-        texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, temperature,
-                               top_p, stop, generator, compile)
-        for i, t in zip(idx, texts):
-            results[i] = t
-        if bar:
-            bar.update(len(idx))
-    if bar:
-        bar.close()
+    for i, text in generate_stream(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, seed,
+                                   batch_size, progress, compile):
+        results[i] = text
     return results
 
 
@@ -173,30 +213,27 @@ def token_logprobs(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], c
     """Per-token log p(continuation token | prompt, earlier tokens), one 1-D tensor per pair.
 
     Prompt and continuation are tokenized separately and concatenated, exactly as the training
-    collator builds (prompt, target) examples, so scores and training losses agree."""
+    collator builds (prompt, target) examples, so scores and training losses agree. The prefix all
+    prompts share is run once (model/engine.py), and only the positions that predict a
+    continuation token go through the output head."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    device = model.model.embed_tokens.weight.device
     pairs = [(tokenizer.encode(p, bos=tokenizer.add_bos), tokenizer.encode(c)) for p, c in zip(prompts, continuations)]
     for (p, _), text in zip(pairs, prompts):
         if not p:
             raise ValueError(f"empty prompt {text!r}: a continuation needs at least one token to condition on")
-    result: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    P = engine.shared_prefix_len([p for p, _ in pairs])
+    prefix = engine.Prefix.compute(model, pairs[0][0][:P]) if P else None
+    result: list[torch.Tensor] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        T = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, (p, c) in enumerate(chunk):  # right padding: positions 0.. for every row
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, :len(p) + len(c)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = torch.arange(T, device=device).expand(len(chunk), T)
-        logp = F.log_softmax(model(ids, mask, positions).float(), dim=-1)
+        hidden, _ = engine.prefill_hidden(model, [(p + c)[P:] for p, c in chunk], prefix, tokenizer.pad_id)
         for i, (p, c) in enumerate(chunk):
-            targets = ids[i, len(p):len(p) + len(c)]
-            # logits at position j predict token j + 1
-            result[start + i] = logp[i, len(p) - 1:len(p) + len(c) - 1].gather(-1, targets[:, None]).squeeze(-1).cpu()
+            # the hidden state at suffix position j predicts token j + 1
+            first = len(p) - 1 - P
+            logp = F.log_softmax(model.lm_head(hidden[i, first:first + len(c)]).float(), dim=-1)
+            targets = torch.tensor(c, dtype=torch.long, device=logp.device)
+            result.append(logp.gather(-1, targets[:, None]).squeeze(-1).cpu())
     return result
 
 
@@ -214,13 +251,15 @@ def next_token_logprobs(model: Llama, tokenizer: Tokenizer, prompts: Sequence[st
     five candidate scores for the price of one pass (``score`` would run one pass per candidate).
     ``suffix_ids``: tokens shared by every candidate before the one that differs (sentencepiece
     writes " 4" as "▁" + "4", so the "▁" goes here)."""
-    device = model.model.embed_tokens.weight.device
     rows = [r + list(suffix_ids) for r in encode_prompts(tokenizer, prompts)]
     if any(not r for r in rows):
         raise ValueError("empty prompt: the next token needs at least one token to condition on")
+    P = engine.shared_prefix_len(rows)  # the rating prompts' instructions and examples: run once
+    prefix = engine.Prefix.compute(model, rows[0][:P]) if P else None
     out = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = left_pad(rows[start:start + batch_size], tokenizer.pad_id, device)
-        logits = model(ids, mask, last_only=True)[:, -1]  # left padding: the last slot is every row's end
+        suffixes = [r[P:] for r in rows[start:start + batch_size]]
+        hidden, _ = engine.prefill_hidden(model, suffixes, prefix, tokenizer.pad_id)
+        logits = engine.last_logits(model, hidden, [len(s) for s in suffixes])
         out.append(F.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)

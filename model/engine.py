@@ -1,0 +1,239 @@
+"""The inference engine behind ``generate``: a shared-prefix KV cache and continuous batching.
+
+The method's two generation workloads waste work in a static batch (``sampling.generate_tokens``):
+
+* **Rating prompts are mostly one shared prefix.** The Table 1 instructions and the few-shot
+  examples are the same in every rating prompt (80-87% of its tokens); only the pair differs.
+  So the keys and values of that **prefix** are computed once, by one forward pass, and copied
+  into every row's cache; each row then runs only its own **suffix** (vLLM's automatic prefix
+  caching and SGLang's RadixAttention, for the one prefix all prompts share).
+* **Rows finish at different times.** A static batch decodes until its longest row ends, and
+  a row that hit EOS early keeps its place doing nothing. Here the cache has a fixed number of
+  rows, the **slots**; when a row finishes (a stop token, a stop string, its token limit), its
+  result is handed out and the slot is **refilled**: the next waiting prompt is prefilled into
+  it, so the batch stays full until the work runs out (continuous batching, as in vLLM/Orca).
+  When no prompt is left and half the slots are empty, the cache is compacted to the rows still
+  running, so the tail costs what it computes.
+
+Rows are independent. A slot's row has its own length and its own positions (no padding: a
+prompt is prefilled from the end of the prefix, right-padded only within one prefill call),
+each decode step writes each row's new key/value at that row's own length
+(``KVCache.update`` with a tensor of slots), and the attention mask lets each row see only its
+own slots. A sampled row draws from its own random generator, seeded from the run's seed and
+the row's prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts
+share its batch, the batch size, their order, the number of processes, or a resume.
+
+Stop strings are checked incrementally: each step decodes only the last few tokens of a row
+(enough to hold the longest stop string), not the row's whole output.
+
+Entry points: :func:`stream` (results as rows finish), and :func:`prefill_hidden` with
+:func:`last_logits` (one batch of prompts after a shared prefix, for the log-probability
+scorers in ``model/sampling.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .llama import KVCache, Llama
+
+# A prefix shorter than this is not worth a separate forward pass and the copies.
+MIN_PREFIX = 16
+
+
+def row_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """The sampling seed of one row: from the run's ``seed`` and the row's own prompt (its token
+    ids), so it is the same whatever else is in the batch."""
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt_ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one token of its own
+    (the last prompt token's logits start the decoding). 0 when it is not worth sharing (one
+    row, or fewer than ``MIN_PREFIX`` tokens)."""
+    if len(rows) < 2:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= MIN_PREFIX else 0
+
+
+@dataclass
+class Prefix:
+    """The keys and values of the prefix every prompt shares, per layer (1, kv heads, P, head dim)."""
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def compute(cls, model: Llama, ids: Sequence[int]) -> Prefix:
+        """One forward pass over the prefix alone."""
+        device = model.model.embed_tokens.weight.device
+        caches = _caches(model, 1, len(ids))
+        _run(model, caches, torch.tensor([list(ids)], device=device), None, None, 0)
+        return cls(list(ids), [(c.k, c.v) for c in caches])
+
+
+def _caches(model: Llama, batch: int, length: int) -> list[KVCache]:
+    """One empty KVCache per layer, in the model's dtype and device."""
+    w = model.model.embed_tokens.weight
+    return [KVCache(batch, length, layer.self_attn.n_kv_heads, layer.self_attn.head_dim, w.dtype, w.device)
+            for layer in model.model.layers]
+
+
+def _run(model: Llama, caches: list[KVCache], ids, mask, positions, start, hidden: bool = False):
+    """``model(...)`` with ``caches`` as the layers' KV caches (the engine keeps its own)."""
+    for layer, cache in zip(model.model.layers, caches):
+        layer.self_attn.cache = cache
+    try:
+        return model(ids, mask, positions, start_pos=start, return_hidden=hidden)
+    finally:
+        model.clear_cache()
+
+
+def prefill_hidden(model: Llama, suffixes: Sequence[Sequence[int]], prefix: Prefix | None,
+                   pad_id: int, extra: int = 0) -> tuple[torch.Tensor, list[KVCache]]:
+    """Run ``prefix + suffix`` for each row, the prefix from its cached keys and values: the final
+    hidden states of the suffix tokens (B, T, hidden), right-padded to the longest suffix, and the
+    filled caches (prefix + suffix slots, plus ``extra`` free slots for decoding)."""
+    device = model.model.embed_tokens.weight.device
+    P = len(prefix.ids) if prefix else 0
+    B, T = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + T), dtype=torch.long)
+    mask[:, :P] = 1
+    for i, s in enumerate(suffixes):  # right padding: a real token never sees a pad after it
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, P:P + len(s)] = 1
+    caches = _caches(model, B, P + T + extra)
+    if prefix:
+        for c, (k, v) in zip(caches, prefix.kv):
+            c.k[:, :, :P] = k
+            c.v[:, :, :P] = v
+    positions = torch.arange(P, P + T, device=device).expand(B, T)
+    hidden = _run(model, caches, ids.to(device), mask.to(device), positions, P, hidden=True)
+    return hidden, caches
+
+
+def last_logits(model: Llama, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Logits (B, vocab) after each row's last real token (row i's is at lengths[i] - 1)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
+    return model.lm_head(hidden[rows, last].contiguous())
+
+
+@dataclass
+class _Slot:
+    """What one cache row is doing: which prompt (its index), its length in the cache, the tokens
+    generated so far, and its random generator when sampling."""
+    index: int
+    length: int
+    new: list[int]
+    generator: torch.Generator | None
+
+
+def _sample(logits: torch.Tensor, slots: list[_Slot], temperature: float, top_p: float) -> list[int]:
+    """One token per row: greedy for all rows at once, or each row from its own generator."""
+    from .sampling import sample_next
+    if temperature <= 0:
+        return logits.argmax(-1).tolist()
+    return [int(sample_next(logits[i:i + 1], temperature, top_p, s.generator)) for i, s in enumerate(slots)]
+
+
+@torch.inference_mode()
+def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+           stop_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+           n_slots: int = 16, should_stop: Callable[[list[int]], bool] | None = None,
+           share_prefix: bool = True) -> Iterator[tuple[int, list[int]]]:
+    """Generate for every prompt (token ids) and yield ``(index, new_ids)`` as each row finishes.
+
+    A row ends before a stop id (not included), after ``max_new_tokens``, or after the step at
+    which ``should_stop(new_ids)`` first says so (``sampling.generate`` passes an incremental stop
+    string check). ``n_slots`` rows decode together; a finished row's slot takes the next prompt.
+    The longest prefix every prompt shares is computed once (``share_prefix``, see
+    :func:`shared_prefix_len`). Sampled rows (``temperature > 0``) are seeded by :func:`row_seed`.
+    """
+    if not rows:
+        return
+    if any(not r for r in rows):
+        raise ValueError("empty prompt: generation needs at least one token to condition on")
+    device = model.model.embed_tokens.weight.device
+    P = shared_prefix_len(rows) if share_prefix else 0
+    prefix = Prefix.compute(model, rows[0][:P]) if P else None
+    stops = set(stop_ids)
+    n = min(n_slots, len(rows))
+    length = max(len(r) for r in rows) + max_new_tokens
+    caches = _caches(model, n, length)
+    slots: list[_Slot | None] = [None] * n
+    logits = torch.zeros(n, model.config.vocab_size, dtype=model.model.embed_tokens.weight.dtype, device=device)
+    waiting = iter(range(len(rows)))
+    left = len(rows)  # prompts not yet admitted
+
+    def admit(free: list[int]) -> None:
+        """Prefill the next prompts into the ``free`` slots (one forward for all of them)."""
+        nonlocal left
+        take = [next(waiting) for _ in free[:left]]
+        left -= len(take)
+        if not take:
+            return
+        free = free[:len(take)]
+        suffixes = [rows[i][P:] for i in take]
+        hidden, filled = prefill_hidden(model, suffixes, prefix, pad_id)
+        logits[free] = last_logits(model, hidden, [len(s) for s in suffixes]).to(logits.dtype)
+        where = torch.tensor(free, device=device)
+        span = filled[0].k.shape[2]
+        for big, small in zip(caches, filled):
+            big.k[where, :, :span] = small.k
+            big.v[where, :, :span] = small.v
+        for slot, i in zip(free, take):
+            gen = None
+            if temperature > 0:
+                gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
+            slots[slot] = _Slot(i, len(rows[i]), [], gen)
+
+    while True:
+        free = [k for k, s in enumerate(slots) if s is None]
+        if free and left:
+            admit(free)
+        active = [k for k, s in enumerate(slots) if s is not None]
+        if not active:
+            return
+        tokens = _sample(logits[active], [slots[k] for k in active], temperature, top_p)
+        for k, tok in zip(active, tokens):
+            s = slots[k]
+            finished = tok in stops
+            if not finished:
+                s.new.append(tok)
+                finished = len(s.new) >= max_new_tokens or (should_stop is not None and should_stop(s.new))
+            if finished:
+                yield s.index, s.new
+                slots[k] = None
+        running = [k for k, s in enumerate(slots) if s is not None]
+        if not running and not left:
+            return
+        if not left and len(running) <= len(slots) // 2:  # the tail: keep only the rows still running
+            keep = torch.tensor(running, device=device)
+            for c in caches:
+                c.k, c.v = c.k[keep], c.v[keep]
+            slots, logits = [slots[k] for k in running], logits[keep]
+            running = list(range(len(slots)))
+        # One decode step for every row; only the running rows' results are kept. A free slot
+        # computes a throwaway token at slot 0 until it is refilled (which rewrites its cache).
+        B = len(slots)
+        last = torch.full((B, 1), pad_id, dtype=torch.long)
+        pos = torch.zeros(B, dtype=torch.long)
+        for k in running:
+            last[k, 0], pos[k] = slots[k].new[-1], slots[k].length
+        S = int(pos.max()) + 1
+        key_mask = (torch.arange(S)[None, :] <= pos[:, None]).long()
+        last, pos, key_mask = last.to(device), pos.to(device), key_mask.to(device)
+        logits = _run(model, caches, last, key_mask, pos[:, None], pos)[:, -1]
+        for k in running:
+            slots[k].length += 1

@@ -1,0 +1,159 @@
+"""The inference engine (model/engine.py) is exact: every prompt gets the tokens it gets alone.
+
+Alone means the plain static loop ``generate_tokens`` on that one prompt (fp32, greedy), on a
+tiny random Llama and on the real stories260K. The engine is checked with the shared prefix,
+with slot refill (fewer slots than prompts), with both, with mixed prompt lengths, and with EOS
+and stop strings ending rows mid-batch; the two scorers against the plain full forward pass; and
+sampling against the batch size and the order of the prompts.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import engine, generate, load_model
+from model.sampling import generate_stream, generate_tokens, left_pad, next_token_logprobs, token_logprobs
+from tests.tiny import SHARED, make_tiny, needs_shared
+
+PREFIX = ("Below is an instruction and a response. Rate how well the response answers the instruction, "
+          "on a scale of 1 to 5, and end with a line Score: N.\n\n")
+ENDINGS = ["Instruction: Why is the sky blue?", "Instruction: Name a prime.\nResponse: 7",
+           "Instruction: Tell me a story about a dragon and a knight who became friends.",
+           "Instruction: 2+2?", "Instruction: What is the capital of France, and why is it famous?",
+           "Instruction: Hi", "Instruction: Describe the water cycle in three steps for a child."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import tempfile
+    from pathlib import Path
+    folder = make_tiny(Path(tempfile.mkdtemp()) / "tiny", std=0.1)
+    return load_model(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    needs_shared()
+    return load_model(SHARED / "models/stories260K", dtype=torch.float32, device="cpu")
+
+
+def prompt_rows(tok) -> list[list[int]]:
+    return [tok.encode(PREFIX + e, bos=tok.add_bos) for e in ENDINGS]
+
+
+def alone(model, tok, rows, max_new, stop_ids=()):
+    return [generate_tokens(model, [r], max_new, tok.pad_id, stop_ids)[0] for r in rows]
+
+
+def run_engine(model, tok, rows, max_new, stop_ids=(), **kw):
+    out = dict(engine.stream(model, rows, max_new, tok.pad_id, stop_ids, **kw))
+    return [out[i] for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+@pytest.mark.parametrize("share_prefix, n_slots", [(True, 16), (False, 3), (True, 3), (True, 1)],
+                         ids=["prefix", "refill", "prefix+refill", "one-slot"])
+def test_engine_gives_every_prompt_its_tokens_alone(which, share_prefix, n_slots, request):
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    assert engine.shared_prefix_len(rows) >= engine.MIN_PREFIX  # the prefix cache is really used
+    assert len({len(r) for r in rows}) == len(rows)  # mixed prompt lengths
+    expected = alone(model, tok, rows, 20)
+    assert run_engine(model, tok, rows, 20, n_slots=n_slots, share_prefix=share_prefix) == expected
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_eos_mid_batch_ends_rows_at_different_steps(which, request):
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    free = alone(model, tok, rows, 20)
+    # a token some row produces part-way: as a stop id it ends rows at different steps
+    stop = next(t for out in free for t in out[3:])
+    expected = alone(model, tok, rows, 20, [stop])
+    assert len({len(x) for x in expected}) > 1 and any(len(x) < 20 for x in expected)
+    assert run_engine(model, tok, rows, 20, [stop], n_slots=3) == expected
+
+
+def test_stop_strings_cut_rows_as_alone_and_are_checked_incrementally(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = [PREFIX + e for e in ENDINGS]
+    free = [generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    stop = next(t[len(t) // 2:len(t) // 2 + 2] for t in free if len(t.strip()) > 6)  # from some row's middle
+    expected = [generate(model, tok, [p], max_new_tokens=24, stop=[stop])[0] for p in prompts]
+    assert any(len(e) < len(f) for e, f in zip(expected, free))
+
+    lengths = []
+    real_decode = tok.decode
+
+    def counting_decode(ids, *a, **k):
+        lengths.append(len(ids))
+        return real_decode(ids, *a, **k)
+    monkeypatch.setattr(tok, "decode", counting_decode)
+    got = generate(model, tok, prompts, max_new_tokens=24, stop=[stop], batch_size=3)
+    assert got == expected
+    # during decoding only a window of a row's tokens is decoded; whole outputs once, at the end
+    window = len(stop) + 8
+    assert sum(1 for n in lengths if n > window) <= len(prompts)
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_next_token_logprobs_with_the_prefix_equal_the_full_forward(which, request):
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    prompts = [PREFIX + e for e in ENDINGS]
+    got = next_token_logprobs(model, tok, prompts, batch_size=3)
+    with torch.no_grad():  # the plain computation: left-padded full prompts, one forward
+        ids, mask = left_pad(rows, tok.pad_id, torch.device("cpu"))
+        want = F.log_softmax(model(ids, mask)[:, -1].float(), -1)
+    # what the rater's fallback reads: the probabilities (of "1".."5"), within 1e-5; the log-probs
+    # themselves (down to -25 here) agree to float32 rounding
+    assert (got.exp() - want.exp()).abs().max().item() < 1e-5
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_token_logprobs_with_the_prefix_equal_the_full_forward(which, request):
+    model, tok = request.getfixturevalue(which)
+    prompts = [PREFIX + e + "\nResponse:" for e in ENDINGS]
+    continuations = [" It is because of scattering.", " Seven.", "", " Once upon a time", " 4", " Hello!", " Rain."]
+    got = token_logprobs(model, tok, prompts, continuations, batch_size=3)
+    for p, c, g in zip(prompts, continuations, got):
+        pi, ci = tok.encode(p, bos=tok.add_bos), tok.encode(c)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([pi + ci])).float(), -1)[0]
+        want = torch.stack([logp[len(pi) - 1 + j, t] for j, t in enumerate(ci)]) if ci else torch.empty(0)
+        assert g.shape == want.shape and (g - want).abs().max().item() < 1e-5 if ci else g.numel() == 0
+
+
+def test_sampled_outputs_do_not_depend_on_the_batch(tiny):
+    model, tok = tiny
+    prompts = [PREFIX + e for e in ENDINGS] * 3  # 21 prompts, repeats included
+    runs = {b: generate(model, tok, prompts, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3, batch_size=b)
+            for b in (1, 3, 16)}
+    assert runs[1] == runs[3] == runs[16]
+    assert runs[1][:7] == runs[1][7:14]  # a prompt's randomness is its own: the same prompt, the same text
+    assert len(set(runs[1][:7])) > 1
+    # ... and not on the order or the company of the other prompts
+    assert generate(model, tok, prompts[::-1][:5], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3,
+                    batch_size=2) == runs[1][::-1][:5]
+    other_seed = generate(model, tok, prompts[:7], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=4)
+    assert other_seed != runs[1][:7]
+
+
+def test_compiled_path_seeds_rows_the_same_way(tiny):
+    """The static loop with one generator per row (the compiled path's) samples what the engine does."""
+    model, tok = tiny
+    rows = prompt_rows(tok)[:4]
+    gens = [torch.Generator().manual_seed(engine.row_seed(5, r)) for r in rows]
+    static = generate_tokens(model, rows, 12, tok.pad_id, (), 0.8, 0.9, gens)
+    assert static == run_engine(model, tok, rows, 12, temperature=0.8, top_p=0.9, seed=5, n_slots=2)
+
+
+def test_stream_yields_rows_as_they_finish(tiny):
+    model, tok = tiny
+    prompts = [PREFIX + e for e in ENDINGS]
+    order = [i for i, _ in generate_stream(model, tok, prompts, max_new_tokens=12, batch_size=2)]
+    assert sorted(order) == list(range(len(prompts)))
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(engine.stream(model, [[1, 2], []], 4, tok.pad_id))
