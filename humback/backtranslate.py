@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.unlabelled}: no texts to backtranslate")
     if args.n is not None:
         texts = sample(texts, args.n, args.seed)  # every shard draws the same sample, then splits it
-    mine, out, done_files = sharding.split_work(texts, args.out, args.batch_size, i, n)
+    per_call = inference.call_size(args.batch_size)
+    mine, out, done_files = sharding.split_work(texts, args.out, per_call, i, n)
     world = distributed.world_size()
     print(f"{len(mine)} texts to backtranslate" + (f" (shard {i}/{n})" if n > 1 else "")
           + (f" (rank 0's share of {len(texts)}, over {world} processes)" if world > 1 else ""))
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = distributed.device_for_rank(args.device)
     model, tok = inference.load_for_inference(args)
     complete = inference.completer(model, tok, args, args.max_new_tokens, list(AUGMENT_STOPS) + (args.stop or []))
-    counts = augment(mine, complete, out, batch_size=args.batch_size, done_files=done_files,
+    counts = augment(mine, complete, out, batch_size=per_call, done_files=done_files,
                      progress=not args.no_progress and distributed.is_main())
     counts = sharding.merge_ranks(args.out, [p.id for p in texts], counts)
     if counts is None:  # a rank other than 0: its part is written and merged

@@ -19,7 +19,7 @@ from typing import Any
 from data.pairs import DataError, Pair, iter_jsonl, write_jsonl_atomic
 from data.readers import format_stats, load_source
 from humback import inference, rating, sharding
-from humback.cli import INPUT_ERRORS, UsageError, fail, short
+from humback.cli import INPUT_ERRORS, fail, short
 from humback.publish import PushError, publish_dataset
 from humback.rating import METHODS
 from humback.scores import SCORES
@@ -144,15 +144,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace) -> int:
     from lora import distributed
-    if not 0 <= args.k_shot <= 5:
-        raise UsageError(f"--k-shot {args.k_shot}: expected 0-5")
     i, n = sharding.shard_flag(args.shard)
     settings = inference.adapter_settings(args.adapter)
     inference.check_direction(settings, "forward", "rating (the seed model answering the Table 1 prompt)")
     tag = inference.resolve_tag(args.tag, settings)
     pairs, stats = load_source(args.pairs)
     print(format_stats(args.pairs, stats))
-    mine, out, done_files = sharding.split_work(pairs, args.out, args.batch_size, i, n)
+    per_call = inference.call_size(args.batch_size)
+    mine, out, done_files = sharding.split_work(pairs, args.out, per_call, i, n)
 
     args.device = distributed.device_for_rank(args.device)
     model, tok = inference.load_for_inference(args)
@@ -160,12 +159,12 @@ def _curate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.method == "likelihood":
         counts = rating.rate_by_likelihood(mine, inference.logprobs_fn(model, tok, args.batch_size), out,
-                                           batch_size=args.batch_size, tag=tag, progress=progress,
+                                           batch_size=per_call, tag=tag, progress=progress,
                                            done_files=done_files)
     else:
         complete = inference.completer(model, tok, args, args.max_new_tokens, rating.RATER_STOPS)
         score_next = None if args.no_fallback else rating.logprob_scorer(model, tok, batch_size=args.batch_size)
-        counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=args.batch_size,
+        counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=per_call,
                              tag=tag, progress=progress, done_files=done_files)
     counts = sharding.merge_ranks(args.out, [p.id for p in pairs], counts)
     if counts is None:  # a rank other than 0: its part is written and merged

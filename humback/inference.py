@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,24 +126,28 @@ def free_accelerator_memory() -> None:
 # ------------------------------------------------------------------------- model calls
 
 
-def batch_seed(seed: int, prompts: list[str]) -> int:
-    """A sampling seed for one batch, from the run's seed and the batch's prompts.
+# A ``complete()`` call gets this many batches of prompts at once: the engine decodes --batch-size
+# of them together and refills a row's slot with a waiting prompt as soon as the row ends, which
+# it can only do while prompts wait (model/engine.py). Each call's rows are then one durable write,
+# and the unit of resuming and of torchrun's split (humback/sharding.py).
+BATCHES_PER_CALL = 4
 
-    Seeding each batch by its content (not by its position in the run) means a resumed
-    run samples exactly what an uninterrupted one would have for the same batch.
-    """
-    return (seed * 1_000_003 + zlib.crc32("\x1e".join(prompts).encode("utf-8"))) % 2**31
+
+def call_size(batch_size: int) -> int:
+    """Prompts per ``complete()`` call (and rows per durable write) for a --batch-size."""
+    return batch_size * BATCHES_PER_CALL
 
 
 def completer(model: Any, tok: Any, args: argparse.Namespace, max_new_tokens: int, stop: Sequence[str]) -> Complete:
     """``complete(prompts) -> texts`` with ``model``: up to ``max_new_tokens`` each, cut at the first of
     ``stop``, sampled as the command's flags say (--temperature, --top-p, --batch-size, --compile
-    where the command has it), each batch seeded by :func:`batch_seed` from --seed and its prompts."""
+    where the command has it). A sampled prompt's randomness comes from --seed and the prompt itself
+(``model.engine.row_seed``), so it gets the same text whatever batch, call or process it is in."""
     from model import generate
 
     def complete(prompts: list[str]) -> list[str]:
         return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, stop=list(stop), seed=batch_seed(args.seed, prompts),
+                        top_p=args.top_p, stop=list(stop), seed=args.seed,
                         batch_size=args.batch_size, compile=getattr(args, "compile", False))
     return complete
 

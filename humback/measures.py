@@ -42,7 +42,7 @@ from data.pairs import DataError, Pair, sample, write_jsonl_atomic
 from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt, rating_prompt
 from humback.backtranslate import clean_instruction
 from humback.curation import histogram, method_counts, read_rated
-from humback.inference import Complete, LogProbs
+from humback.inference import Complete, LogProbs, call_size
 from humback.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
                              preference_rate, rouge_l)
 from humback.rating import (ScoreNext, clean_rating, forced_score_prompt, instruction_information, rate,
@@ -195,8 +195,8 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     out_path = Path(out_path)
     out_path.unlink(missing_ok=True)
     fakes = mismatched(pairs, seed)
-    rate(list(pairs) + fakes, complete, score_next, out_path, k_shot=k_shot, batch_size=batch_size, tag=tag,
-         progress=progress)
+    rate(list(pairs) + fakes, complete, score_next, out_path, k_shot=k_shot, batch_size=call_size(batch_size),
+         tag=tag, progress=progress)
     rows = read_rated(out_path)
     for row in rows:
         row["real"] = not row["id"].endswith(MISMATCHED_SUFFIX)

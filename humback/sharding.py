@@ -8,8 +8,8 @@ Two ways to split the work:
   appends to its own part file (``aug.jsonl`` -> ``aug.rank{r}-of-{N}.jsonl``, resumable like any
   output, :func:`part_path`), and rank 0 finally merges the parts into ``aug.jsonl`` in input
   order (:func:`merge_parts`). Since every batch is one a single process would have formed, and
-  sampling is seeded by a batch's content (:func:`humback.inference.batch_seed`), the merged file
-  of an uninterrupted run holds exactly what one process would have written.
+  a sampled prompt's randomness is its own (``model.engine.row_seed``), the merged file of an
+  uninterrupted run holds exactly what one process would have written.
 
 :func:`split_work` and :func:`merge_ranks` are the two calls a command makes: before its work
 (which items, which file, which other files count as done) and after it.
@@ -76,8 +76,8 @@ def shard_batches(items: Sequence[T], size: int, i: int, n: int) -> list[T]:
     """Shard ``i`` of ``n`` by whole batches: batches i, i + n, i + 2n, ... of ``batches(items, size)``.
 
     Unlike :func:`shard` (every n-th item), each shard is made of the very batches one process
-    would form, so batch by batch it computes the same thing: the same padding, and the same
-    sampling seed where the seed depends on the batch's prompts (``inference.batch_seed``)."""
+    would form, so batch by batch it computes the same thing: the same rows prefilled and decoded
+    together."""
     return [x for batch in shard(batches(items, size), i, n) for x in batch]
 
 

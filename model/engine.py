@@ -173,35 +173,24 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
     caches = _caches(model, n, length)
     slots: list[_Slot | None] = [None] * n
     logits = torch.zeros(n, model.config.vocab_size, dtype=model.model.embed_tokens.weight.dtype, device=device)
-    waiting = iter(range(len(rows)))
-    left = len(rows)  # prompts not yet admitted
+    waiting = list(range(len(rows)))[::-1]  # prompts not yet admitted, the next one last
 
-    def admit(free: list[int]) -> None:
-        """Prefill the next prompts into the ``free`` slots (one forward for all of them)."""
-        nonlocal left
-        take = [next(waiting) for _ in free[:left]]
-        left -= len(take)
-        if not take:
-            return
-        free = free[:len(take)]
-        suffixes = [rows[i][P:] for i in take]
-        hidden, filled = prefill_hidden(model, suffixes, prefix, pad_id)
-        logits[free] = last_logits(model, hidden, [len(s) for s in suffixes]).to(logits.dtype)
-        where = torch.tensor(free, device=device)
-        span = filled[0].k.shape[2]
+    def admit(slot: int, i: int) -> None:
+        """Prefill prompt ``i`` into cache row ``slot``: its suffix after the prefix, alone (a
+        batch of suffixes would be padded to the longest, and their lengths vary a lot)."""
+        hidden, filled = prefill_hidden(model, [rows[i][P:]], prefix, pad_id)
+        logits[slot] = last_logits(model, hidden, [len(rows[i]) - P])[0]
         for big, small in zip(caches, filled):
-            big.k[where, :, :span] = small.k
-            big.v[where, :, :span] = small.v
-        for slot, i in zip(free, take):
-            gen = None
-            if temperature > 0:
-                gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
-            slots[slot] = _Slot(i, len(rows[i]), [], gen)
+            big.k[slot, :, :len(rows[i])] = small.k[0]
+            big.v[slot, :, :len(rows[i])] = small.v[0]
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
+        slots[slot] = _Slot(i, len(rows[i]), [], gen)
 
     while True:
-        free = [k for k, s in enumerate(slots) if s is None]
-        if free and left:
-            admit(free)
+        for k in [k for k, s in enumerate(slots) if s is None][:len(waiting)]:
+            admit(k, waiting.pop())
         active = [k for k, s in enumerate(slots) if s is not None]
         if not active:
             return
@@ -216,9 +205,9 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
                 yield s.index, s.new
                 slots[k] = None
         running = [k for k, s in enumerate(slots) if s is not None]
-        if not running and not left:
+        if not running and not waiting:
             return
-        if not left and len(running) <= len(slots) // 2:  # the tail: keep only the rows still running
+        if not waiting and len(running) <= len(slots) // 2:  # the tail: keep only the rows still running
             keep = torch.tensor(running, device=device)
             for c in caches:
                 c.k, c.v = c.k[keep], c.v[keep]

@@ -250,7 +250,9 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = None
         if per_row:  # one query per row; the row's key mask says which of the slots are its own
-            mask = attention_mask.bool()[:, None, None, :]
+            # additive (0 / -inf) in the compute dtype, made once here rather than by SDPA in every layer
+            mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
         elif attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask, start, T)
         elif T > 1 and start > 0:  # a block of queries after cached keys: causal with an offset

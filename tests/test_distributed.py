@@ -134,9 +134,10 @@ def test_distributed_resume_is_exact_and_needs_the_same_number_of_processes(
 
 
 def augment_args(tiny: Path, out: Path, *extra: str) -> list[str]:
-    # 8 texts in batches of 2: 4 batches, 2 per rank; 6 new tokens leave a mix of kept and dropped rows.
+    # 8 texts, --batch-size 1: calls of 4 (humback.inference.call_size), one per rank; 6 new tokens
+    # leave a mix of kept and dropped rows.
     return ["--model", str(tiny), "--unlabelled", UNLABELLED, "--n-texts", "8", "--seed", "0", "--out", str(out),
-            "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu", "--no-progress", *extra]
+            "--max-new-tokens", "6", "--batch-size", "1", "--device", "cpu", "--no-progress", *extra]
 
 
 def read_lines(path: Path) -> list[str]:
@@ -180,12 +181,12 @@ def test_two_ranks_augment_like_one_process_even_after_a_rank_dies(tiny: Path, g
     died = torchrun(str(script), *args, check=False)
     assert died.returncode != 0 and "rank 1 dies" in died.stderr
     rank1 = part_path(out, 1, 2)
-    assert len(ids(rank1) + ids(dropped_path(rank1))) == 2  # its first batch, durable
+    assert 1 <= len(ids(rank1) + ids(dropped_path(rank1))) <= 4  # the first write of its batch, durable
     assert not out.exists()  # nothing merged
 
     done = torchrun("generate.py", *args)  # the same command again: each rank resumes its part
     skipped = int(re.search(r"input=8 skipped_done=(\d+)", done.stdout).group(1))
-    assert skipped >= 2  # at least rank 1's first batch was not done again
+    assert skipped >= 1  # what rank 1 wrote was not written again
     # Greedy: exactly the rows of one process, in the same order, byte for byte.
     assert read_lines(out) == read_lines(greedy_reference)
     assert read_lines(dropped_path(out)) == read_lines(dropped_path(greedy_reference))
@@ -201,8 +202,8 @@ def test_two_ranks_sample_the_same_ids(tiny: Path, tmp_path: Path) -> None:
     every = ids(two) + ids(dropped_path(two))
     assert len(every) == len(set(every)) == 8  # nothing lost, nothing twice
     assert set(every) == set(ids(one) + ids(dropped_path(one)))
-    # Stronger, by design: rank r samples the very batches one process forms, and generate.py
-    # seeds each batch by its prompts, so even the sampled rows are the same.
+    # Stronger, by design: a sampled prompt's randomness is its own (model.engine.row_seed),
+    # whichever rank or batch it is in, so even the sampled rows are the same.
     assert read_lines(two) == read_lines(one)
 
 

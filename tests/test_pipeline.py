@@ -194,12 +194,14 @@ def test_killed_augmentation_resumes_without_loss_or_duplicates(tiny, tmp_path, 
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
     monkeypatch.setattr(model.sampling, "generate", dies_on_second_batch)
+    # --batch-size 1: calls of 4 prompts (humback.inference.call_size), so 8 texts take two
+    one_per_call = FAST + ["--augment-args=--batch-size 1 --max-new-tokens 12"]
     with pytest.raises(KeyboardInterrupt):
-        pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + FAST)
+        pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + one_per_call)
     partial = read_jsonl(work / "augment/augmented.jsonl")
-    assert 0 < len(partial) <= 3 and not (work / "augment/manifest.json").exists()
+    assert 0 < len(partial) <= 4 and not (work / "augment/manifest.json").exists()
     monkeypatch.setattr(model.sampling, "generate", real)
-    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + FAST) == 0
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + one_per_call) == 0
     dropped_file = work / "augment/augmented.jsonl.dropped.jsonl"
     ids = [r["id"] for r in read_jsonl(work / "augment/augmented.jsonl")] + \
         ([r["id"] for r in read_jsonl(dropped_file)] if dropped_file.exists() else [])
