@@ -157,20 +157,25 @@ def _curate(args: argparse.Namespace) -> int:
     model, tok = inference.load_for_inference(args)
     progress = not args.no_progress and distributed.is_main()
     t0 = time.perf_counter()
+    chat = None
     if args.method == "likelihood":
         counts = rating.rate_by_likelihood(mine, inference.logprobs_fn(model, tok, args.batch_size), out,
                                            batch_size=per_call, tag=tag, progress=progress,
                                            done_files=done_files)
     else:
+        chat = inference.prompt_chat_format(tok, args.adapter, args.prompt_format)
+        if chat is not None:
+            tag = None  # a chat model is prompted in its own template, which has no place for our tag line
         complete = inference.completer(model, tok, args, args.max_new_tokens, rating.RATER_STOPS)
         score_next = None if args.no_fallback else rating.logprob_scorer(model, tok, batch_size=args.batch_size)
         counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=per_call,
-                             tag=tag, progress=progress, done_files=done_files)
+                             tag=tag, progress=progress, done_files=done_files, chat=chat)
     counts = sharding.merge_ranks(args.out, [p.id for p in pairs], counts)
     if counts is None:  # a rank other than 0: its part is written and merged
         return 0
+    layout = "" if args.method == "likelihood" else f", prompt_format={chat.name if chat else 'plain'}"
     print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" ({time.perf_counter() - t0:.1f}s, "
-          f"method={args.method}, k_shot={args.k_shot}, tag={tag or 'none'})")
+          f"method={args.method}, k_shot={args.k_shot}, tag={tag or 'none'}{layout})")
 
     # Report and select over this input's rows only (the --out file may hold other runs' rows too).
     ours = {p.id for p in (pairs if distributed.world_size() > 1 else mine)}  # rank 0 merged them all

@@ -142,15 +142,19 @@ def evaluate_rater_models(model: Any, tok: Any, adapter: str, pairs: list, args:
     rows = []
     for label, path in zip(labels_for(adapters), adapters):
         t0 = time.perf_counter()
+        chat = inference.prompt_chat_format(tok, path, args.prompt_format)  # a chat model alone: its template
+        row_tag = None if chat else tag
         with inference.adapter_loaded(model, path):
             fns = ModelFns(model, tok, args)
             summary, _ = evaluate_rater(pairs, fns.completer(args.rating_tokens, RATER_STOPS), fns.score_next(),
-                                        out / f"rater_{label}.jsonl", k_shot=args.k_shot, tag=tag, seed=args.seed,
+                                        out / f"rater_{label}.jsonl", k_shot=args.k_shot, tag=row_tag, seed=args.seed,
                                         batch_size=args.batch_size, progress=not args.no_progress,
-                                        logprobs=fns.logprobs)
-        rows.append(dict(model=label, adapter=path, tag=tag or "none", k_shot=args.k_shot, **summary,
+                                        logprobs=fns.logprobs, chat=chat)
+        rows.append(dict(model=label, adapter=path, tag=row_tag or "none", k_shot=args.k_shot,
+                         prompt_format=chat.name if chat else "plain", **summary,
                          time_s=round(time.perf_counter() - t0, 1)))
-        print(f"rater [{label}]: AUC {num(summary['auc'])} (expected score: {num(summary['auc_expected'])}, "
+        print(f"rater [{label}, {rows[-1]['prompt_format']} prompt]: AUC {num(summary['auc'])} "
+              f"(expected score: {num(summary['auc_expected'])}, "
               f"likelihood: {num(summary['auc_likelihood'])}), valid score rate {summary['valid_score_rate']:.2f}")
     return rows
 
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         judge = None
         if forward and not args.no_judge:
             judge = ModelFns(*load(args.judge), args) if args.judge else ModelFns(model, tok, args)
-        settings = {k: getattr(args, k) for k in ("seed", "n", "k_shot", "tag", "temperature", "top_p",
+        settings = {k: getattr(args, k) for k in ("seed", "n", "k_shot", "tag", "prompt_format", "temperature", "top_p",
                                                   "instruction_tokens", "rating_tokens", "answer_tokens",
                                                   "max_output_chars", "quantize")}
         settings["judge"] = "none" if args.no_judge else (args.judge or f"the base model ({args.model})")

@@ -190,6 +190,14 @@ def generate_parser(description: str | None = None, raise_errors: bool = False) 
     return p
 
 
+def add_prompt_format_flag(group: argparse._ArgumentGroup) -> None:
+    """--prompt-format: the rater's prompt in our plain format or in the model's chat template."""
+    group.add_argument("--prompt-format", choices=["auto", "chat", "plain"], default="auto",
+                       help="layout of the rating prompt: auto = the model's own chat template (ChatML, Llama-2 "
+                            "[INST]) when it has one and no --adapter is on it, else our plain '### Instruction' "
+                            "format (what our adapters were trained on); chat / plain force one (default auto)")
+
+
 def curate_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
     """curate.py: self-curation (rate, select, report)."""
     p = _parser("curate.py", description, raise_errors)
@@ -212,6 +220,7 @@ def curate_parser(description: str | None = None, raise_errors: bool = False) ->
                    help="few-shot demonstrations before the Table 1 prompt, 0-5 (default 3; the paper uses 0)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
                    help="tag line in the rating prompt; auto = 'seed' if the adapter was trained with a tag, else none")
+    add_prompt_format_flag(g)
     g.add_argument("--max-new-tokens", type=POSITIVE, default=96, help="tokens for the reasoning and score (default 96)")
     g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="rater sampling temperature (default 0: greedy)")
     g.add_argument("--top-p", type=TOP_P, default=1.0, help="rater nucleus mass (default 1.0)")
@@ -258,6 +267,7 @@ def evaluate_parser(description: str | None = None, raise_errors: bool = False) 
                    help="tag line of rater/forward prompts; auto = 'seed' if the adapter was trained with a tag "
                         "(the base model is prompted with the same tag as the adapter it is compared with)")
     g.add_argument("--k-shot", type=int, default=3, choices=range(0, 6), help="few-shot examples in the rating prompt")
+    add_prompt_format_flag(g)
     g.add_argument("--instruction-tokens", type=POSITIVE, default=64, help="max new tokens per instruction (--backward)")
     g.add_argument("--rating-tokens", type=POSITIVE, default=96, help="max new tokens per rating (--rater)")
     g.add_argument("--answer-tokens", type=POSITIVE, default=256, help="max new tokens per answer (--forward)")
@@ -296,8 +306,9 @@ def pipeline_parser(description: str | None = None, raise_errors: bool = False) 
     g.add_argument("--rater-model", metavar="MODEL",
                    help="self-curation rater: this model alone (folder or hub id, quantized like --model) instead "
                         "of the seed model M0, e.g. a bigger chat model when the base is too small to follow the "
-                        "Table 1 prompt; the evaluate stage then measures this rater. Not the paper's method, "
-                        "which rates with M0 itself")
+                        "Table 1 prompt, prompted in its own chat template; the evaluate stage then measures this "
+                        "rater. 'm0' rates with the seed model M0, the paper's method (the default of the demo and "
+                        "paper presets; the assignment preset rates with meta-llama/Llama-2-7b-chat-hf)")
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
     g.add_argument("--forward-data", choices=["seed+curated", "curated"], help="what the forward model trains on")
     g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")

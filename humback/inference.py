@@ -64,6 +64,25 @@ def resolve_tag(flag: str, settings: dict[str, Any]) -> str | None:
     return "seed" if settings.get("tag") not in (None, "none") else None
 
 
+def prompt_chat_format(tok: Any, adapter: str | None, choice: str = "auto") -> Any:
+    """The chat format to prompt with (a :class:`model.chat.ChatFormat`), or None for our plain format.
+
+    ``choice`` is the --prompt-format flag: "auto" uses the model's own chat template when it has
+    one that :mod:`model.chat` writes out *and* no adapter of ours is on it (an adapter was trained
+    on the plain ``### Instruction`` format, whatever its base knew); "chat" insists on the template;
+    "plain" never uses one.
+    """
+    if choice == "plain":
+        return None
+    fmt = tok.chat_format
+    if choice == "chat":
+        if fmt is None:
+            raise UsageError("--prompt-format chat: this model has no chat template this project writes out "
+                             "(ChatML or Llama-2 chat in its tokenizer_config.json)")
+        return fmt
+    return fmt if not adapter else None
+
+
 # ------------------------------------------------------------------------------- loading
 
 

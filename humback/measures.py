@@ -36,17 +36,20 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.pairs import DataError, Pair, sample, write_jsonl_atomic
-from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt, rating_prompt
+from data.templates import JUDGE_SUFFIX, Tag, backward_prompt, forward_prompt, judge_prompt
 from humback.backtranslate import clean_instruction
 from humback.curation import histogram, method_counts, read_rated
 from humback.inference import Complete, LogProbs, call_size
 from humback.metrics import (Verdict, auc, bleu, combine_orders, mean_rouge_l, nll_per_token, parse_verdict,
                              preference_rate, rouge_l)
 from humback.rating import (ScoreNext, clean_rating, forced_score_prompt, instruction_information, rate,
-                            verdict_from_logprobs)
+                            rater_prompt, verdict_from_logprobs)
+
+if TYPE_CHECKING:
+    from model.chat import ChatFormat
 
 Choose = Callable[[list[str]], list[dict[str, float]]]
 
@@ -165,8 +168,8 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreNext | None,
                    out_path: str | Path, k_shot: int = 3, tag: Tag | None = "seed", seed: int = 0,
-                   batch_size: int = 8, progress: bool = False, logprobs: LogProbs | None = None
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   batch_size: int = 8, progress: bool = False, logprobs: LogProbs | None = None,
+                   chat: ChatFormat | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """How well the rater's scores separate real pairs from mismatched ones.
 
     Every real pair and its mismatched twin is rated exactly as self-curation rates
@@ -182,6 +185,8 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     probabilities still lean the right way. With ``logprobs``, a third, ``auc_likelihood``,
     ranks the pairs by :func:`instruction_information` instead: no rating prompt at all.
 
+    ``chat`` prompts a released chat model in its own template (:func:`humback.rating.rater_prompt`).
+
     ``out_path`` is rewritten from scratch (a rated file from an earlier evaluation, with the
     same ids, must not be mistaken for finished work) and ends up holding every rated row,
     with ``real`` (true/false) and ``expected_score`` added.
@@ -196,7 +201,7 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
     out_path.unlink(missing_ok=True)
     fakes = mismatched(pairs, seed)
     rate(list(pairs) + fakes, complete, score_next, out_path, k_shot=k_shot, batch_size=call_size(batch_size),
-         tag=tag, progress=progress)
+         tag=tag, progress=progress, chat=chat)
     rows = read_rated(out_path)
     for row in rows:
         row["real"] = not row["id"].endswith(MISMATCHED_SUFFIX)
@@ -205,7 +210,7 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
         todo = [row for row in rows if row.get("expected_score") is None]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            prompts = [forced_score_prompt(rating_prompt(r["instruction"], r["output"], k_shot, tag),
+            prompts = [forced_score_prompt(rater_prompt(r["instruction"], r["output"], k_shot, tag, chat),
                                            clean_rating(r["rater_output"])) for r in chunk]
             for row, digit_logprobs in zip(chunk, score_next(prompts), strict=True):
                 row["expected_score"] = round(verdict_from_logprobs(digit_logprobs)[2], 4)

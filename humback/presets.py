@@ -8,7 +8,8 @@ and the extra flags each command gets. ``pipeline.py``'s overrides (``--model``,
 Three recipes, from a laptop to the paper:
 
 * ``demo``: SmolLM2-135M-Instruct and the demo set committed in ``data/demo/``, on a CPU;
-* ``assignment``: the course assignment, Llama-2-7B in NF4 on one Colab-class GPU;
+* ``assignment``: the course assignment, Llama-2-7B in NF4 on one Colab-class GPU, rated by the
+  chat model the assignment names, Llama-2-7B-chat;
 * ``paper``: the paper's recipe at the scale one GPU allows (two iterations).
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Preset:
     respond: list[str] = field(default_factory=list)
     heldout: str | None = None          # pairs for the evaluate stage (none: no evaluate stage)
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
-    rater_model: str | None = None      # rate with this model alone instead of M0 (one iteration only)
+    rater_model: str | None = None      # rate with this chat model alone instead of M0 (one iteration only)
 
 
 PRESETS = {
@@ -70,7 +71,10 @@ PRESETS = {
                          augment=["--max-new-tokens", "128", "--batch-size", "16"],
                          curate=["--max-new-tokens", "128", "--batch-size", "8"],
                          respond=["--max-new-tokens", "512", "--batch-size", "8"],
-                         heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"]),
+                         heldout=GUANACO_EVAL, evaluate=["--n", "100", "--rating-tokens", "128"],
+                         # The assignment names its rater: Llama-2-7B-chat, prompted in its own [INST] format
+                         # (humback.rating.rater_prompt) and NF4 like the base; --rater-model m0 rates with M0.
+                         rater_model="meta-llama/Llama-2-7b-chat-hf"),
     # The paper's recipe at the scale one GPU allows: 3,200 oasst1 seed pairs, a web corpus, two iterations.
     "paper": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4", seed_data="oasst1:OpenAssistant/oasst1",
                     unlabelled=["web:allenai/c4/en/c4-train.00000-of-01024.json.gz"],
@@ -102,8 +106,10 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     over = {k: v for k, v in dict(model=args.model, seed_data=args.seed_data, unlabelled=args.unlabelled,
                                   test_prompts=args.test_prompts, n_seed=args.n_seed, n_unlabelled=args.n_unlabelled,
                                   threshold=args.threshold, k_shot=args.k_shot, iterations=args.iterations,
-                                  forward_data=args.forward_data, rater_model=args.rater_model).items()
+                                  forward_data=args.forward_data).items()
             if v is not None}
+    if args.rater_model:
+        over["rater_model"] = None if args.rater_model == "m0" else args.rater_model
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
     if args.heldout:

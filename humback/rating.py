@@ -8,6 +8,10 @@ the seed pairs only) is asked, with the prompt of the paper's Table 1
 Pairs scored 5 form the paper's A5 set (A4 keeps scores >= 4; :mod:`humback.curation`
 selects them); the next model is fine-tuned on them.
 
+Which layout the prompt is in (:func:`rater_prompt`): our plain ``### Instruction`` format
+for a rater fine-tuned here, or a released chat model's own chat format (ChatML, Llama-2's
+``[INST]``) when that model rates as it is, as ``pipeline.py --rater-model`` does.
+
 Getting a score for every row. A small or briefly trained rater often forgets the
 score line, or writes ``Score: 10``. Then, instead of losing the row, we *force* the
 format: append ``Score:`` to the prompt (after the model's own reasoning) and ask the
@@ -31,12 +35,15 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.pairs import DataError, Pair, append_jsonl, read_done_ids, require_unique_ids, unfinished_batches
-from data.templates import HEADER_STOP, Tag, forward_prompt, rating_prompt
+from data.templates import HEADER_STOP, Tag, forward_prompt, rating_instruction, rating_prompt
 from humback.inference import Complete, LogProbs
 from humback.scores import MIN_SCORE, SCORES, parse_score
+
+if TYPE_CHECKING:
+    from model.chat import ChatFormat
 
 ScoreNext = Callable[[list[str]], list[dict[int, float]]]
 
@@ -46,6 +53,26 @@ ScoreNext = Callable[[list[str]], list[dict[int, float]]]
 RATER_STOPS = (HEADER_STOP, "\nExample ")
 METHODS = ("text", "logprob", "likelihood", "none")  # the values of a rated row's score_method
 _NEXT_BLOCK = re.compile(r"^[ \t]*(?:#{2,}[ \t]*\w+:|Example \d+:)", re.MULTILINE)
+
+
+# ------------------------------------------------------------------------ the prompt
+
+
+def rater_prompt(instruction: str, output: str, k_shot: int, tag: Tag | None, chat: ChatFormat | None) -> str:
+    """The prompt the rater reads for one pair: k demonstrations and the paper's Table 1 filled in.
+
+    Two layouts, one text. A rater fine-tuned here (M0: base + our adapter) learned our plain
+    ``### Instruction`` format, so it gets :func:`data.templates.rating_prompt` (with the tag line
+    it was trained with). A chat model used as it was released (``curate.py --model`` without an
+    adapter, ``pipeline.py --rater-model``) learned its own chat layout instead, and follows
+    instructions far more reliably in it: it gets the same text as one user turn of its template
+    (``chat``, from :func:`humback.inference.prompt_chat_format`), and no tag line, which only our
+    training data carries. Either way the answer is read from its last ``Score:`` line, and the
+    fallback (:func:`forced_score_prompt`) continues this prompt inside the model's own reply.
+    """
+    if chat is None:
+        return rating_prompt(instruction, output, k_shot, tag)
+    return chat.render(rating_instruction(instruction, output, k_shot))
 
 
 # ----------------------------------------------------------------- reading a verdict
@@ -95,7 +122,7 @@ def verdict_from_logprobs(logprobs: Mapping[int, float]) -> tuple[int, list[floa
 
 def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, out_path: str | Path,
          k_shot: int = 3, batch_size: int = 8, tag: Tag | None = "seed", progress: bool = True,
-         done_files: Sequence[str | Path] = ()) -> dict[str, int]:
+         done_files: Sequence[str | Path] = (), chat: ChatFormat | None = None) -> dict[str, int]:
     """Rate every pair and append the rated rows to ``out_path``; skip ids already there.
 
     Args:
@@ -108,24 +135,28 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
         tag: the tag line the rater saw on its training data (None for none).
         done_files: more files whose ids count as done (a distributed rank's: see
             :func:`humback.sharding.done_elsewhere`).
+        chat: the rater's chat format, to prompt a released chat model in its own layout
+            (:func:`rater_prompt`); None for our plain format.
 
-    Each row is the pair plus ``k`` (the prompt's k_shot), ``rater_output`` (the raw
-    text), ``score`` (1-5), ``score_method`` ("text", "logprob" or "none"), and for
-    "logprob" rows ``score_probs`` (p(1)..p(5)) and ``expected_score``.
+    Each row is the pair plus ``k`` (the prompt's k_shot), ``prompt_format`` ("plain" or the
+    chat format's name), ``rater_output`` (the raw text), ``score`` (1-5), ``score_method``
+    ("text", "logprob" or "none"), and for "logprob" rows ``score_probs`` (p(1)..p(5)) and
+    ``expected_score``.
 
     Returns:
         counts: ``input``, ``skipped_done``, ``rated`` (now), and how many of those were
         scored by ``text``, by ``logprob`` and by ``none``.
     """
     def rate_batch(batch: list[Pair]) -> list[dict[str, Any]]:
-        prompts = [rating_prompt(p.instruction, p.output, k_shot, tag) for p in batch]
+        prompts = [rater_prompt(p.instruction, p.output, k_shot, tag, chat) for p in batch]
         texts = complete(prompts)
         if len(texts) != len(batch):
             raise ValueError(f"complete() returned {len(texts)} texts for {len(batch)} prompts")
         rows = []
         for pair, raw in zip(batch, texts):
             score = parse_score(clean_rating(raw))
-            rows.append(pair.to_dict() | {"k": k_shot, "rater_output": raw, "score": score,
+            rows.append(pair.to_dict() | {"k": k_shot, "prompt_format": chat.name if chat else "plain",
+                                          "rater_output": raw, "score": score,
                                           "score_method": "text" if score is not None else "none"})
         # One fallback call for the whole batch's failures (a batched forward pass).
         failed = [i for i, row in enumerate(rows) if row["score"] is None]

@@ -1,0 +1,124 @@
+"""A released chat model rates in its own chat format; a rater fine-tuned here in our plain format.
+
+humback.rating.rater_prompt chooses the layout and humback.inference.prompt_chat_format decides
+which applies (--prompt-format auto|chat|plain). Checked with fake model calls (what text reaches
+the model, the fallback's prompt), then end to end through curate.py on a tiny random Llama with
+Llama-2's real tokenizer and Llama-2-chat's template (the 7B chat model the assignment names
+cannot be downloaded here): each rated row is exactly what greedy decoding gives on the
+``[INST]`` prompt, and the assignment preset rates with that chat model.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import curate
+from data.pairs import Pair, read_pairs, write_jsonl_atomic
+from data.templates import INSTRUCTION_HEADER, SEED_TAG, rating_instruction, rating_prompt
+from humback.cli import UsageError
+from humback.curation import read_rated
+from humback.inference import prompt_chat_format
+from humback.presets import resolve_preset
+from humback.rating import (RATER_STOPS, clean_rating, forced_score_prompt, logprob_scorer, rate, rater_prompt,
+                            verdict_from_logprobs)
+from model.chat import chat_format
+from tests.model.test_chat import TEMPLATES, tiny_llama2_chat  # noqa: F401 (a fixture)
+from tests.tiny import REPO
+
+DEMO_SEED = REPO / "data" / "demo" / "seed.jsonl"
+PAIRS = [Pair("a", "How do magnets work?", "Magnets attract iron because of aligned electron spins."),
+         Pair("b", "Name a prime number.", "Seven is a prime number.")]
+
+
+@pytest.mark.parametrize("template", ["llama2-chat", "smollm2"])
+def test_rate_puts_the_table1_prompt_in_the_chat_template(tmp_path: Path, template: str) -> None:
+    chat = chat_format(TEMPLATES[template])
+    seen: dict[str, list[str]] = {"complete": [], "fallback": []}
+
+    def complete(prompts: list[str]) -> list[str]:
+        seen["complete"] += prompts
+        return ["Looks right.\nScore: 4", "no verdict here"]
+
+    def score_next(prompts: list[str]) -> list[dict[int, float]]:
+        seen["fallback"] += prompts
+        return [{1: -5.0, 2: -4.0, 3: -3.0, 4: -2.0, 5: -1.0} for _ in prompts]
+
+    rate(PAIRS, complete, score_next, tmp_path / "rated.jsonl", k_shot=2, tag="seed", progress=False, chat=chat)
+    want = [chat.render(rating_instruction(p.instruction, p.output, 2)) for p in PAIRS]
+    assert seen["complete"] == want
+    assert all(INSTRUCTION_HEADER not in p and SEED_TAG not in p for p in want)  # no plain format, no tag line
+    # The fallback continues the model's own reply inside the template: prompt, its reasoning, "Score:".
+    assert seen["fallback"] == [want[1] + "no verdict here\nScore:"]
+    rows = read_rated(tmp_path / "rated.jsonl")
+    assert [r["prompt_format"] for r in rows] == [chat.name] * 2
+    assert [(r["score"], r["score_method"]) for r in rows] == [(4, "text"), (5, "logprob")]
+
+
+def test_without_a_chat_format_the_prompt_is_the_plain_one(tmp_path: Path) -> None:
+    seen: list[str] = []
+    rate(PAIRS, lambda ps: seen.extend(ps) or ["Score: 3"] * len(ps), None, tmp_path / "r.jsonl", k_shot=1,
+         tag="seed", progress=False)
+    assert seen == [rating_prompt(p.instruction, p.output, 1, "seed") for p in PAIRS]
+    assert {r["prompt_format"] for r in read_rated(tmp_path / "r.jsonl")} == {"plain"}
+    assert rater_prompt("i", "o", 0, None, None) == rating_prompt("i", "o", 0, None)
+
+
+def test_which_prompts_get_the_chat_format() -> None:
+    llama2 = chat_format(TEMPLATES["llama2-chat"])
+    chat_tok, plain_tok = SimpleNamespace(chat_format=llama2), SimpleNamespace(chat_format=None)
+    assert prompt_chat_format(chat_tok, None) == llama2            # a chat model as released
+    assert prompt_chat_format(chat_tok, "runs/m0/adapter") is None  # our adapter learned the plain format
+    assert prompt_chat_format(plain_tok, None) is None              # a base model: no template
+    assert prompt_chat_format(chat_tok, None, "plain") is None
+    assert prompt_chat_format(chat_tok, "runs/m0/adapter", "chat") == llama2
+    with pytest.raises(UsageError, match="--prompt-format chat: this model has no chat template"):
+        prompt_chat_format(plain_tok, None, "chat")
+
+
+def test_curate_py_rates_a_llama2_chat_model_in_its_inst_format(tiny_llama2_chat: Path, tmp_path: Path,  # noqa: F811
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """curate.py --model CHAT (no adapter): every rater_output is what greedy decoding writes after
+    the [INST] prompt, computed here independently; --prompt-format plain gives the plain prompt."""
+    from model import generate, load_model
+    pairs = read_pairs(DEMO_SEED)[:3]
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", pairs)
+    common = ["--model", str(tiny_llama2_chat), "--dtype", "fp32", "--pairs", str(tmp_path / "pairs.jsonl"),
+              "--k-shot", "1", "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]
+    for layout in ("auto", "plain"):
+        out = tmp_path / f"rated-{layout}.jsonl"
+        assert curate.main(common + ["--out", str(out), "--curated", str(tmp_path / f"cur-{layout}.jsonl"),
+                                     "--prompt-format", layout]) == 0
+        assert f"prompt_format={'llama2' if layout == 'auto' else 'plain'}" in capsys.readouterr().out
+
+    model, tok = load_model(tiny_llama2_chat, device="cpu")
+    fmt = tok.chat_format
+    for layout, prompt_of in (("auto", lambda p: fmt.render(rating_instruction(p.instruction, p.output, 1))),
+                              ("plain", lambda p: rating_prompt(p.instruction, p.output, 1, None))):
+        rows = read_rated(tmp_path / f"rated-{layout}.jsonl")
+        prompts = [prompt_of(p) for p in pairs]
+        assert [r["prompt_format"] for r in rows] == ["llama2" if layout == "auto" else "plain"] * 3
+        assert [r["rater_output"] for r in rows] == generate(model, tok, prompts, max_new_tokens=6,
+                                                             stop=list(RATER_STOPS))
+        # Rows without a readable score were scored by the fallback on this same prompt + reasoning + "Score:".
+        fallback = [(r, p) for r, p in zip(rows, prompts) if r["score_method"] == "logprob"]
+        assert fallback  # a tiny random model writes no "Score: N"
+        forced = [forced_score_prompt(p, clean_rating(r["rater_output"])) for r, p in fallback]
+        for (row, _), logprobs in zip(fallback, logprob_scorer(model, tok)(forced)):
+            assert row["score"] == verdict_from_logprobs(logprobs)[0]
+    assert tok.encode(fmt.render("x"), bos=tok.add_bos)[:4] == [1, 518, 25580, 29962]  # <s> ▁[ INST ]: one BOS
+
+
+def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
+    from humback.flags import pipeline_parser
+
+    def preset(*flags: str) -> argparse.Namespace:
+        return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", *flags]))
+    assignment = preset("--preset", "assignment")
+    assert assignment.rater_model == "meta-llama/Llama-2-7b-chat-hf" and assignment.quantize == "nf4"
+    assert preset("--preset", "assignment", "--rater-model", "m0").rater_model is None  # the paper's M0
+    assert preset("--preset", "assignment", "--rater-model", "qwen2.5-coder-1.5b-instruct").rater_model == (
+        "qwen2.5-coder-1.5b-instruct")
+    assert preset("--preset", "paper").rater_model is None and preset("--preset", "demo").rater_model is None
