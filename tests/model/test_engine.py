@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model import engine, generate, load_model
 from model.sampling import generate_stream, generate_tokens, left_pad, next_token_logprobs, token_logprobs
-from tests.tiny import SHARED, make_tiny, needs_shared
+from tests.tiny import SHARED, make_tiny
 
 PREFIX = ("Below is an instruction and a response. Rate how well the response answers the instruction, "
           "on a scale of 1 to 5, and end with a line Score: N.\n\n")
@@ -34,7 +34,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def stories():
-    needs_shared()
+    if not (SHARED / "models/stories260K").is_dir():  # a clone without ../shared: skip, as the other tests do
+        pytest.skip("../shared/models/stories260K is absent")
     return load_model(SHARED / "models/stories260K", dtype=torch.float32, device="cpu")
 
 
