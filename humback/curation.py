@@ -173,7 +173,7 @@ def _curate(args: argparse.Namespace) -> int:
     counts = sharding.merge_ranks(args.out, [p.id for p in pairs], counts)
     if counts is None:  # a rank other than 0: its part is written and merged
         return 0
-    layout = "" if args.method == "likelihood" else f", prompt_format={chat.name if chat else 'plain'}"
+    layout = "" if args.method == "likelihood" else f", prompt_format={rating.prompt_format_name(chat)}"
     print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" ({time.perf_counter() - t0:.1f}s, "
           f"method={args.method}, k_shot={args.k_shot}, tag={tag or 'none'}{layout})")
 

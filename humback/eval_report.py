@@ -37,7 +37,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
 
 BACKWARD_COLUMNS: list[Column] = [("model", "model", ""), ("n", "pairs", ""), ("bleu", "BLEU", ".2f"),
                                   ("rouge_l", "ROUGE-L", ".3f"), ("empty", "empty", "")]
-RATER_COLUMNS: list[Column] = [("model", "model", ""), ("prompt_format", "prompt", ""), ("n_real", "real", ""), ("n_mismatched", "mismatched", ""),
+RATER_COLUMNS: list[Column] = [("model", "model", ""), ("prompt_format", "prompt", ""), ("n_real", "real", ""),
+                               ("n_mismatched", "mismatched", ""),
                                ("auc", "AUC (score)", ".3f"), ("auc_expected", "AUC (expected score)", ".3f"),
                                ("auc_likelihood", "AUC (likelihood)", ".3f"),
                                ("valid_score_rate", "valid score rate", ".2f"), ("mean_real", "mean real", ".2f"),

@@ -29,7 +29,7 @@ from humback.cli import INPUT_ERRORS, UsageError, fail, short
 from humback.inference import Complete, adapter_settings, check_direction, resolve_tag
 from humback.measures import (JUDGE_STOPS, JUDGE_TOKENS, Choose, answer, choice_scorer, drop_seen, evaluate_backward,
                               evaluate_rater, heldout_sample, judge_pairwise, reference_nll)
-from humback.rating import RATER_STOPS, ScoreNext, logprob_scorer
+from humback.rating import RATER_STOPS, ScoreNext, logprob_scorer, prompt_format_name
 
 
 # --------------------------------------------------------------------- models as callables
@@ -151,7 +151,7 @@ def evaluate_rater_models(model: Any, tok: Any, adapter: str, pairs: list, args:
                                         batch_size=args.batch_size, progress=not args.no_progress,
                                         logprobs=fns.logprobs, chat=chat)
         rows.append(dict(model=label, adapter=path, tag=row_tag or "none", k_shot=args.k_shot,
-                         prompt_format=chat.name if chat else "plain", **summary,
+                         prompt_format=prompt_format_name(chat), **summary,
                          time_s=round(time.perf_counter() - t0, 1)))
         print(f"rater [{label}, {rows[-1]['prompt_format']} prompt]: AUC {num(summary['auc'])} "
               f"(expected score: {num(summary['auc_expected'])}, "

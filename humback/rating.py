@@ -75,6 +75,12 @@ def rater_prompt(instruction: str, output: str, k_shot: int, tag: Tag | None, ch
     return chat.render(rating_instruction(instruction, output, k_shot))
 
 
+def prompt_format_name(chat: ChatFormat | None) -> str:
+    """The layout :func:`rater_prompt` used, as rated rows and reports record it: "plain" or the
+    chat format's name ("chatml", "llama2")."""
+    return chat.name if chat else "plain"
+
+
 # ----------------------------------------------------------------- reading a verdict
 
 
@@ -155,7 +161,7 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
         rows = []
         for pair, raw in zip(batch, texts):
             score = parse_score(clean_rating(raw))
-            rows.append(pair.to_dict() | {"k": k_shot, "prompt_format": chat.name if chat else "plain",
+            rows.append(pair.to_dict() | {"k": k_shot, "prompt_format": prompt_format_name(chat),
                                           "rater_output": raw, "score": score,
                                           "score_method": "text" if score is not None else "none"})
         # One fallback call for the whole batch's failures (a batched forward pass).
