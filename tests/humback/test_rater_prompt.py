@@ -10,6 +10,7 @@ cannot be downloaded here): each rated row is exactly what greedy decoding gives
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,3 +123,50 @@ def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
     assert preset("--preset", "assignment", "--rater-model", "qwen2.5-coder-1.5b-instruct").rater_model == (
         "qwen2.5-coder-1.5b-instruct")
     assert preset("--preset", "paper").rater_model is None and preset("--preset", "demo").rater_model is None
+
+
+def test_evaluate_py_measures_a_chat_rater_in_its_format(tiny_llama2_chat: Path, tmp_path: Path) -> None:  # noqa: F811
+    """evaluate.py --rater base on a chat model: its row says llama2 in eval.json and eval.md, and every
+    expected score (the AUC's finer signal) was read after the [INST] prompt, not the plain one."""
+    import evaluate
+    from model import load_model
+    heldout = str(REPO / "data" / "demo" / "heldout.jsonl")
+    common = ["--model", str(tiny_llama2_chat), "--dtype", "fp32", "--device", "cpu", "--rater", "base",
+              "--heldout", heldout, "--n", "3", "--k-shot", "1", "--rating-tokens", "4", "--batch-size", "4",
+              "--no-progress", "--no-plots"]
+    for layout in ("auto", "plain"):
+        assert evaluate.main(common + ["--prompt-format", layout, "--out", str(tmp_path / layout)]) == 0
+    model, tok = load_model(tiny_llama2_chat, device="cpu")
+    scorer = logprob_scorer(model, tok)
+    for layout, name, prompt_of in (
+            ("auto", "llama2", lambda r: tok.chat_format.render(rating_instruction(r["instruction"], r["output"], 1))),
+            ("plain", "plain", lambda r: rating_prompt(r["instruction"], r["output"], 1, None))):
+        (row,) = json.loads((tmp_path / layout / "eval.json").read_text())["rater"]
+        assert (row["prompt_format"], row["tag"]) == (name, "none")
+        assert f"| base | {name} |" in (tmp_path / layout / "eval.md").read_text()
+        rated = read_rated(tmp_path / layout / "rater_base.jsonl")
+        forced = [forced_score_prompt(prompt_of(r), clean_rating(r["rater_output"])) for r in rated]
+        expected = [verdict_from_logprobs(lp)[2] for lp in scorer(forced)]
+        assert [r["expected_score"] for r in rated] == pytest.approx(expected, abs=1e-3)
+
+
+def test_evaluate_rater_reads_expected_scores_after_the_chat_prompt(tmp_path: Path) -> None:
+    """Rows with a readable score get their expected score in evaluate_rater's own loop: on the
+    same chat prompt the rater answered."""
+    from humback.measures import evaluate_rater
+    chat = chat_format(TEMPLATES["llama2-chat"])
+    answered: list[str] = []
+    forced: list[str] = []
+
+    def complete(prompts: list[str]) -> list[str]:
+        answered.extend(prompts)
+        return ["Fine.\nScore: 3"] * len(prompts)
+
+    def score_next(prompts: list[str]) -> list[dict[int, float]]:
+        forced.extend(prompts)
+        return [{s: -float(s) for s in range(1, 6)} for _ in prompts]
+
+    pairs = read_pairs(DEMO_SEED)[:3]
+    evaluate_rater(pairs, complete, score_next, tmp_path / "rated.jsonl", k_shot=1, tag=None, chat=chat)
+    assert forced and all(p.startswith("[INST] ") for p in answered)
+    assert sorted(forced) == sorted(prompt + "Fine.\nScore:" for prompt in answered)
