@@ -211,7 +211,7 @@ def evaluate_rater(pairs: Sequence[Pair], complete: Complete, score_next: ScoreN
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             prompts = [forced_score_prompt(rater_prompt(r["instruction"], r["output"], k_shot, tag, chat),
-                                           clean_rating(r["rater_output"])) for r in chunk]
+                                           clean_rating(r["rater_output"]), chat) for r in chunk]
             for row, digit_logprobs in zip(chunk, score_next(prompts), strict=True):
                 row["expected_score"] = round(verdict_from_logprobs(digit_logprobs)[2], 4)
     if logprobs is not None:  # the prompt-free ranking, for every row

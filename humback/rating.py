@@ -90,19 +90,23 @@ def clean_rating(text: str) -> str:
     return (text[:match.start()] if match else text).strip()
 
 
-def forced_score_prompt(prompt: str, rater_text: str) -> str:
+def forced_score_prompt(prompt: str, rater_text: str, chat: ChatFormat | None = None) -> str:
     """The prompt for the fallback: the rating prompt, the model's own reasoning, then
     ``Score:``, so that the next token *must* be the verdict.
 
     The reasoning is kept (the score should follow from it, as in a normal answer),
-    minus any unusable score line and what came after it.
+    minus any unusable score line and what came after it. ``chat`` is the layout ``prompt`` is
+    in (as for :func:`rater_prompt`): a chat template may put a separator before the reply
+    (Llama-2's space after ``[/INST]``), and the reply must be re-read with it, so that its
+    tokens are the ones the model generated.
     """
     lines = rater_text.splitlines()
     score_lines = [i for i, line in enumerate(lines) if "score" in line.lower()]
     if score_lines:
         lines = lines[:score_lines[-1]]
     reasoning = "\n".join(lines).strip()
-    return f"{prompt}{reasoning}\nScore:" if reasoning else f"{prompt}Score:"
+    reply = f"{reasoning}\nScore:" if reasoning else "Score:"
+    return prompt + (chat.reply_separator if chat else "") + reply
 
 
 def verdict_from_logprobs(logprobs: Mapping[int, float]) -> tuple[int, list[float], float]:
@@ -167,7 +171,7 @@ def rate(pairs: list[Pair], complete: Complete, score_next: ScoreNext | None, ou
         # One fallback call for the whole batch's failures (a batched forward pass).
         failed = [i for i, row in enumerate(rows) if row["score"] is None]
         if failed and score_next is not None:
-            forced = [forced_score_prompt(prompts[i], clean_rating(texts[i])) for i in failed]
+            forced = [forced_score_prompt(prompts[i], clean_rating(texts[i]), chat) for i in failed]
             for i, logprobs in zip(failed, score_next(forced), strict=True):
                 best, probs, expected = verdict_from_logprobs(logprobs)
                 rows[i].update(score=best, score_method="logprob", score_probs=[round(p, 6) for p in probs],

@@ -70,6 +70,16 @@ class ChatFormat:
         tokenizer: encode with ``bos=tokenizer.add_bos``, which is True for Llama-2."""
         return self.name == LLAMA2
 
+    @property
+    def reply_separator(self) -> str:
+        """What the template writes between the prompt and the model's reply: a space for Llama-2
+        (its assistant turn is ``' ' + content``), nothing for ChatML (the prompt ends in a newline).
+
+        Text that continues a reply the model already began, such as the rater's forced ``Score:``
+        after its own reasoning, must keep it: sentencepiece spells "[/INST] The" as ``]`` ``▁The``,
+        the tokens the model generated, but "[/INST]The" as ``]`` ``The``, a sequence it never wrote."""
+        return " " if self.name == LLAMA2 else ""
+
     def render(self, user: str, system: str | None = None) -> str:
         """The prompt for one user turn, with the generation prompt (the assistant's header).
 

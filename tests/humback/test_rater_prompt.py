@@ -51,8 +51,10 @@ def test_rate_puts_the_table1_prompt_in_the_chat_template(tmp_path: Path, templa
     want = [chat.render(rating_instruction(p.instruction, p.output, 2)) for p in PAIRS]
     assert seen["complete"] == want
     assert all(INSTRUCTION_HEADER not in p and SEED_TAG not in p for p in want)  # no plain format, no tag line
-    # The fallback continues the model's own reply inside the template: prompt, its reasoning, "Score:".
-    assert seen["fallback"] == [want[1] + "no verdict here\nScore:"]
+    # The fallback continues the model's own reply inside the template: prompt, the template's
+    # separator before a reply (Llama-2's space after [/INST]), its reasoning, "Score:".
+    assert seen["fallback"] == [want[1] + chat.reply_separator + "no verdict here\nScore:"]
+    assert chat.reply_separator == {"llama2-chat": " ", "smollm2": ""}[template]
     rows = read_rated(tmp_path / "rated.jsonl")
     assert [r["prompt_format"] for r in rows] == [chat.name] * 2
     assert [(r["score"], r["score_method"]) for r in rows] == [(4, "text"), (5, "logprob")]
@@ -106,10 +108,25 @@ def test_curate_py_rates_a_llama2_chat_model_in_its_inst_format(tiny_llama2_chat
         # Rows without a readable score were scored by the fallback on this same prompt + reasoning + "Score:".
         fallback = [(r, p) for r, p in zip(rows, prompts) if r["score_method"] == "logprob"]
         assert fallback  # a tiny random model writes no "Score: N"
-        forced = [forced_score_prompt(p, clean_rating(r["rater_output"])) for r, p in fallback]
+        forced = [forced_score_prompt(p, clean_rating(r["rater_output"]), fmt if layout == "auto" else None)
+                  for r, p in fallback]
         for (row, _), logprobs in zip(fallback, logprob_scorer(model, tok)(forced)):
             assert row["score"] == verdict_from_logprobs(logprobs)[0]
     assert tok.encode(fmt.render("x"), bos=tok.add_bos)[:4] == [1, 518, 25580, 29962]  # <s> ▁[ INST ]: one BOS
+
+
+def test_the_llama2_fallback_rereads_the_reply_as_the_model_wrote_it(tiny_llama2_chat: Path) -> None:  # noqa: F811
+    """The forced prompt's tokens are the prompt's, then the reply's as generation produces them
+    (sentencepiece puts "▁" before a reply's first word: "▁The"). Without the space after [/INST]
+    they would be "]", "The", a sequence the model never wrote."""
+    from model import load_model
+    _, tok = load_model(tiny_llama2_chat, device="cpu")
+    fmt = tok.chat_format
+    prompt = fmt.render(rating_instruction(PAIRS[0].instruction, PAIRS[0].output, 1))
+    for reply, want in (("The pair fits.\nScore: 9", "The pair fits.\nScore:"), ("Score: ten", "Score:")):
+        forced = tok.encode(forced_score_prompt(prompt, reply, fmt), bos=tok.add_bos)
+        assert forced == tok.encode(prompt, bos=tok.add_bos) + tok.encode(want)
+        assert tok.encode(prompt + want, bos=tok.add_bos) != forced  # glued on, as before this fix
 
 
 def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
@@ -138,14 +155,15 @@ def test_evaluate_py_measures_a_chat_rater_in_its_format(tiny_llama2_chat: Path,
         assert evaluate.main(common + ["--prompt-format", layout, "--out", str(tmp_path / layout)]) == 0
     model, tok = load_model(tiny_llama2_chat, device="cpu")
     scorer = logprob_scorer(model, tok)
-    for layout, name, prompt_of in (
-            ("auto", "llama2", lambda r: tok.chat_format.render(rating_instruction(r["instruction"], r["output"], 1))),
-            ("plain", "plain", lambda r: rating_prompt(r["instruction"], r["output"], 1, None))):
+    for layout, name, chat, prompt_of in (
+            ("auto", "llama2", tok.chat_format,
+             lambda r: tok.chat_format.render(rating_instruction(r["instruction"], r["output"], 1))),
+            ("plain", "plain", None, lambda r: rating_prompt(r["instruction"], r["output"], 1, None))):
         (row,) = json.loads((tmp_path / layout / "eval.json").read_text())["rater"]
         assert (row["prompt_format"], row["tag"]) == (name, "none")
         assert f"| base | {name} |" in (tmp_path / layout / "eval.md").read_text()
         rated = read_rated(tmp_path / layout / "rater_base.jsonl")
-        forced = [forced_score_prompt(prompt_of(r), clean_rating(r["rater_output"])) for r in rated]
+        forced = [forced_score_prompt(prompt_of(r), clean_rating(r["rater_output"]), chat) for r in rated]
         expected = [verdict_from_logprobs(lp)[2] for lp in scorer(forced)]
         assert [r["expected_score"] for r in rated] == pytest.approx(expected, abs=1e-3)
 
@@ -169,4 +187,4 @@ def test_evaluate_rater_reads_expected_scores_after_the_chat_prompt(tmp_path: Pa
     pairs = read_pairs(DEMO_SEED)[:3]
     evaluate_rater(pairs, complete, score_next, tmp_path / "rated.jsonl", k_shot=1, tag=None, chat=chat)
     assert forced and all(p.startswith("[INST] ") for p in answered)
-    assert sorted(forced) == sorted(prompt + "Fine.\nScore:" for prompt in answered)
+    assert sorted(forced) == sorted(prompt + " Fine.\nScore:" for prompt in answered)  # Llama-2's reply space
