@@ -58,6 +58,7 @@ from humback.cli import INPUT_ERRORS, fail
 from humback.flags import check_pipeline_flags, pipeline_parser
 from humback.pipeline_run import Run, StageFailed, UntilReached, call, heldout_files
 from humback.presets import Preset, resolve_preset
+from humback.rating import RATER_PROMPT_VERSION
 from humback.publish import PushError, publish_run
 
 
@@ -176,8 +177,9 @@ def curate_stage(run: Run, name: str, rater: Path, augmented: Path) -> Path:
                               "--k-shot", str(pre.k_shot), "--seed", str(seed)] + pre.curate + run.quiet)
         return ["rated.jsonl", "curated.jsonl"]
     config = {"model": pre.model, "threshold": pre.threshold, "k_shot": pre.k_shot, "curate": pre.curate}
-    if pre.rater_model:  # absent by default: older runs stay cached
-        config |= {"rater_model": pre.rater_model, "rater_quantize": pre.quantize}
+    if pre.rater_model:  # absent by default: older runs stay cached (M0 reads the plain prompt, as ever)
+        config |= {"rater_model": pre.rater_model, "rater_quantize": pre.quantize,
+                   "rater_prompt": RATER_PROMPT_VERSION}
     return run.stage(name, config, [augmented] if pre.rater_model else [rater, augmented], body)
 
 
@@ -236,7 +238,9 @@ def evaluate_stage(run: Run, backward: Path, m0: Path, forward: list[Path]) -> N
         run.evaluate(["--backward", str(backward)] + rates + [x for a in [m0, *forward] for x in ("--forward", str(a))],
                      d)
         return ["eval.json", "eval.md"]
-    config = {"model": pre.model, "heldout": pre.heldout, "evaluate": run.eval_flags, "seed": run.args.seed}
+    # rater_prompt: the base's rater row reads the base's chat template when it has one
+    config = {"model": pre.model, "heldout": pre.heldout, "evaluate": run.eval_flags, "seed": run.args.seed,
+              "rater_prompt": RATER_PROMPT_VERSION}
     if pre.rater_model:
         config["rater_model"] = pre.rater_model
     run.stage("evaluate", config, [backward, m0, *forward, *heldout_files(pre.heldout)], body)

@@ -52,6 +52,11 @@ ScoreNext = Callable[[list[str]], list[dict[int, float]]]
 # is cut there. The sampler can stop at these strings too (generate(..., stop=RATER_STOPS)).
 RATER_STOPS = (HEADER_STOP, "\nExample ")
 METHODS = ("text", "logprob", "likelihood", "none")  # the values of a rated row's score_method
+# Which text a rater reads, as pipeline stages record it in their cache key: bump it whenever
+# rater_prompt or forced_score_prompt change what a given rater sees, so that stages rated the old
+# way run again instead of being reused. 2: a released chat model reads its own chat template,
+# and Llama-2's fallback keeps the space after [/INST]. (1, implied by its absence: plain only.)
+RATER_PROMPT_VERSION = 2
 _NEXT_BLOCK = re.compile(r"^[ \t]*(?:#{2,}[ \t]*\w+:|Example \d+:)", re.MULTILINE)
 
 

@@ -82,6 +82,19 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
     report = json.loads((work / "evaluate/eval.json").read_text())
     assert report["settings"]["rater_model"] == other and [r["model"] for r in report["rater"]] == ["base"]
 
+    # a run from before the rater read its own chat template recorded no rater_prompt: its curate and
+    # evaluate stages rated with the old prompt, so they run again; the stages before them are kept
+    for name in ("curate", "evaluate"):
+        path = work / name / "manifest.json"
+        saved = json.loads(path.read_text())
+        del saved["config"]["rater_prompt"]
+        path.write_text(json.dumps(saved))
+    old = manifests(work)
+    assert pipeline.main(["--workdir", str(work), "--model", tiny, "--rater-model", other] + FAST) == 0
+    again = manifests(work)
+    assert all(again[n] == old[n] for n in ("data", "backward", "m0", "augment"))
+    assert again["curate"] != old["curate"] and again["evaluate"] != old["evaluate"]
+
 
 def test_ablation_trains_the_three_sets_and_compares_them(tiny, tmp_path, capsys):
     work = tmp_path / "run"
