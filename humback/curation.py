@@ -164,8 +164,7 @@ def _curate(args: argparse.Namespace) -> int:
                                            done_files=done_files)
     else:
         chat = inference.prompt_chat_format(tok, args.adapter, args.prompt_format)
-        if chat is not None:
-            tag = None  # a chat model is prompted in its own template, which has no place for our tag line
+        tag = inference.rating_tag(args.tag, tag, chat)
         complete = inference.completer(model, tok, args, args.max_new_tokens, rating.RATER_STOPS)
         score_next = None if args.no_fallback else rating.logprob_scorer(model, tok, batch_size=args.batch_size)
         counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=per_call,

@@ -143,7 +143,7 @@ def evaluate_rater_models(model: Any, tok: Any, adapter: str, pairs: list, args:
     for label, path in zip(labels_for(adapters), adapters):
         t0 = time.perf_counter()
         chat = inference.prompt_chat_format(tok, path, args.prompt_format)  # a chat model alone: its template
-        row_tag = None if chat else tag
+        row_tag = inference.rating_tag(args.tag, tag, chat, f"the rater [{label}]")
         with inference.adapter_loaded(model, path):
             fns = ModelFns(model, tok, args)
             summary, _ = evaluate_rater(pairs, fns.completer(args.rating_tokens, RATER_STOPS), fns.score_next(),

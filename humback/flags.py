@@ -45,6 +45,17 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, *args, raise_errors: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.raise_errors = raise_errors
+        # Checks of flag combinations, run after parsing: each returns an error message or None.
+        # They live on the parser so that every caller (the script, the pipeline checking the flags
+        # it will pass on) refuses the same combinations.
+        self.checks: list[Callable[[argparse.Namespace], str | None]] = []
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        for check in self.checks:
+            if (message := check(parsed)) is not None:
+                self.error(message)
+        return parsed
 
     def error(self, message: str):  # type: ignore[override]
         if self.raise_errors:
@@ -219,7 +230,8 @@ def curate_parser(description: str | None = None, raise_errors: bool = False) ->
     g.add_argument("--k-shot", type=int, default=3, choices=range(0, 6),
                    help="few-shot demonstrations before the Table 1 prompt, 0-5 (default 3; the paper uses 0)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
-                   help="tag line in the rating prompt; auto = 'seed' if the adapter was trained with a tag, else none")
+                   help="tag line in the rating prompt; auto = 'seed' if the adapter was trained with a tag, else "
+                        "none. A rater prompted in its chat template (--prompt-format) gets no tag line")
     add_prompt_format_flag(g)
     g.add_argument("--max-new-tokens", type=POSITIVE, default=96, help="tokens for the reasoning and score (default 96)")
     g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="rater sampling temperature (default 0: greedy)")
@@ -233,7 +245,15 @@ def curate_parser(description: str | None = None, raise_errors: bool = False) ->
     g.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
                    help="push the curated JSONL + a dataset card as a hub dataset repo (token from HF_TOKEN or "
                         "the login cache); the upload folder is written next to --curated first")
+    p.checks.append(_likelihood_has_no_prompt)
     return p
+
+
+def _likelihood_has_no_prompt(args: argparse.Namespace) -> str | None:
+    if args.method == "likelihood" and args.prompt_format == "chat":
+        return ("--prompt-format chat lays out the rating prompt, and --method likelihood has none (it reads "
+                "log p(output) after the plain forward prompt): drop one of them")
+    return None
 
 
 def evaluate_parser(description: str | None = None, raise_errors: bool = False) -> argparse.ArgumentParser:
@@ -265,7 +285,8 @@ def evaluate_parser(description: str | None = None, raise_errors: bool = False) 
     g = p.add_argument_group("prompting and decoding (greedy by default, so runs repeat exactly)")
     g.add_argument("--tag", choices=["auto", "seed", "augmented", "none"], default="auto",
                    help="tag line of rater/forward prompts; auto = 'seed' if the adapter was trained with a tag "
-                        "(the base model is prompted with the same tag as the adapter it is compared with)")
+                        "(the base model is prompted with the same tag as the adapter it is compared with). A "
+                        "rater prompted in its chat template (--prompt-format) gets no tag line")
     g.add_argument("--k-shot", type=int, default=3, choices=range(0, 6), help="few-shot examples in the rating prompt")
     add_prompt_format_flag(g)
     g.add_argument("--instruction-tokens", type=POSITIVE, default=64, help="max new tokens per instruction (--backward)")
@@ -352,8 +373,13 @@ def check_pipeline_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.ablation_oracle and not args.ablation:
         parser.error("--ablation-oracle adds a control to the ablation: add --ablation")
     if pre.rater_model and pre.iterations == 2:  # iteration 2 exists to rate with M1; a fixed rater repeats iteration 1
-        parser.error(f"--rater-model replaces the rater of every iteration, so iteration 2 would repeat iteration 1 "
-                     f"(the {args.preset} preset has 2): add --iterations 1")
+        # name the flag the user did not write: it is the one that came from the preset
+        if args.rater_model:
+            parser.error(f"--rater-model replaces the rater of every iteration, so iteration 2 would repeat "
+                         f"iteration 1 (the {args.preset} preset has 2): add --iterations 1")
+        parser.error(f"--iterations 2 rates with M0, then M1, but the {args.preset} preset rates with "
+                     f"{pre.rater_model} alone, so iteration 2 would repeat iteration 1: add --rater-model m0 "
+                     f"(the paper's self-rating) or drop --iterations 2")
     check_passed_flags(parser, args, pre)
 
 

@@ -83,6 +83,18 @@ def prompt_chat_format(tok: Any, adapter: str | None, choice: str = "auto") -> A
     return fmt if not adapter else None
 
 
+def rating_tag(flag: str, tag: str | None, chat: Any, label: str = "the rater") -> str | None:
+    """The tag line of a rating prompt: ``tag`` (from :func:`resolve_tag`) in our plain format, none
+    in a chat template, which has no place for it. A --tag the user wrote that is dropped this way
+    is said so on stderr, rather than ignored in silence."""
+    if chat is None:
+        return tag
+    if flag in ("seed", "augmented"):
+        print(f"note: --tag {flag} is not used by {label}: it is prompted in its chat template, which has "
+              f"no tag line (--prompt-format plain keeps it)", file=sys.stderr)
+    return None
+
+
 # ------------------------------------------------------------------------------- loading
 
 

@@ -180,8 +180,15 @@ def test_two_ranks_augment_like_one_process_even_after_a_rank_dies(tiny: Path, g
     script.write_text(DYING.format(repo=str(REPO)))
     died = torchrun(str(script), *args, check=False)
     assert died.returncode != 0 and "rank 1 dies" in died.stderr
-    rank1 = part_path(out, 1, 2)
-    assert 1 <= len(ids(rank1) + ids(dropped_path(rank1))) <= 4  # the first write of its batch, durable
+    rank0, rank1 = part_path(out, 0, 2), part_path(out, 1, 2)
+    # Rank 1's one call is the 4 texts rank 0 did not take. Its first write, durable, is exactly its
+    # kept rows as one process writes them (or its dropped rows, if none was kept); then it died.
+    theirs = set(ids(rank0) + ids(dropped_path(rank0)))
+    assert len(theirs) == 4  # rank 0 finished its part
+    kept = [line for line in read_lines(greedy_reference) if json.loads(line)["id"] not in theirs]
+    dropped = [line for line in read_lines(dropped_path(greedy_reference)) if json.loads(line)["id"] not in theirs]
+    assert len(kept) + len(dropped) == 4
+    assert (read_lines(rank1), read_lines(dropped_path(rank1))) == ((kept, []) if kept else ([], dropped))
     assert not out.exists()  # nothing merged
 
     done = torchrun("generate.py", *args)  # the same command again: each rank resumes its part

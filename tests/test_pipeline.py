@@ -268,7 +268,7 @@ def test_a_flag_a_script_rejects_ends_the_run_naming_that_script(tiny, tmp_path,
 
 def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):
     for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"], ["--ablation-oracle", "lima"],
-                  ["--preset", "paper", "--rater-model", "some/chat-model"]):
+                  ["--preset", "paper", "--rater-model", "some/chat-model"], ["--preset", "assignment", "--iterations", "2"]):
         with pytest.raises(SystemExit) as e:
             pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
         assert e.value.code == 2
@@ -276,4 +276,6 @@ def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, cap
     assert "argument --ablation-draws: expected an integer >= 1, got 0" in err and "--ablation-draws and --ablation-match shape the ablation: add --ablation" in err
     assert "--ablation-oracle adds a control to the ablation: add --ablation" in err
     assert "iteration 2 would repeat iteration 1 (the paper preset has 2): add --iterations 1" in err
+    assert ("--iterations 2 rates with M0, then M1, but the assignment preset rates with meta-llama/Llama-2-7b-chat-hf"
+            " alone, so iteration 2 would repeat iteration 1: add --rater-model m0") in err
     assert not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ from data.pairs import Pair, read_pairs, write_jsonl_atomic
 from data.templates import INSTRUCTION_HEADER, SEED_TAG, rating_instruction, rating_prompt
 from humback.cli import UsageError
 from humback.curation import read_rated
+from humback.flags import curate_parser
 from humback.inference import prompt_chat_format
 from humback.presets import resolve_preset
 from humback.rating import (RATER_STOPS, clean_rating, forced_score_prompt, logprob_scorer, rate, rater_prompt,
@@ -188,3 +189,40 @@ def test_evaluate_rater_reads_expected_scores_after_the_chat_prompt(tmp_path: Pa
     evaluate_rater(pairs, complete, score_next, tmp_path / "rated.jsonl", k_shot=1, tag=None, chat=chat)
     assert forced and all(p.startswith("[INST] ") for p in answered)
     assert sorted(forced) == sorted(prompt + " Fine.\nScore:" for prompt in answered)  # Llama-2's reply space
+
+
+def test_a_tag_the_chat_template_cannot_hold_is_said_to_be_unused(tiny_llama2_chat: Path, tmp_path: Path,  # noqa: F811
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """--tag seed on a rater prompted in its chat template: no tag line (the template has no place
+    for it), and a note on stderr says so; in the plain layout the tag is used, without a note."""
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", read_pairs(DEMO_SEED)[:2])
+    common = ["--model", str(tiny_llama2_chat), "--dtype", "fp32", "--pairs", str(tmp_path / "pairs.jsonl"),
+              "--k-shot", "0", "--max-new-tokens", "2", "--no-progress", "--tag", "seed"]
+    for layout, tag, note in (("auto", "none", True), ("plain", "seed", False)):
+        assert curate.main(common + ["--out", str(tmp_path / f"r-{layout}.jsonl"),
+                                     "--curated", str(tmp_path / f"c-{layout}.jsonl"), "--prompt-format", layout]) == 0
+        out, err = capsys.readouterr()
+        assert f"tag={tag}, prompt_format=" in out
+        assert ("note: --tag seed is not used by the rater: it is prompted in its chat template" in err) == note
+
+
+def test_likelihood_rating_refuses_a_chat_prompt_format(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--method likelihood has no rating prompt to lay out: --prompt-format chat with it is refused while
+    the flags are parsed, by curate.py and by the pipeline that would pass them on."""
+    import pipeline
+    flags = ["--method", "likelihood", "--prompt-format", "chat"]
+    with pytest.raises(SystemExit) as e:
+        curate.main(["--model", "m", "--pairs", "p", "--out", "o", "--curated", "c"] + flags)
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--workdir", str(tmp_path / "run"), "--curate-args", " ".join(flags)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    want = "--prompt-format chat lays out the rating prompt, and --method likelihood has none"
+    assert err[0].startswith("curate.py: error: " + want) and err[0].endswith("(see curate.py --help)")
+    assert err[1].startswith("pipeline.py: error: --curate-args: curate.py: " + want)
+    assert not (tmp_path / "run").exists()
+    # each flag alone is fine
+    for ok in (["--method", "likelihood"], ["--prompt-format", "chat"]):
+        args = curate_parser().parse_args(["--model", "m", "--pairs", "p", "--out", "o", "--curated", "c"] + ok)
+        assert args.method in ("prompt", "likelihood")
