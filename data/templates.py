@@ -224,6 +224,22 @@ def format_rating_example(number: int, example: RatingExample) -> str:
     )
 
 
+def _rating_examples(k: int) -> tuple[RatingExample, ...]:
+    if not 0 <= k <= len(RATING_EXAMPLES):
+        raise ValueError(f"k must be in 0..{len(RATING_EXAMPLES)}, got {k}")
+    return RATING_EXAMPLES[:k]
+
+
+def rating_demonstrations(k: int) -> list[tuple[str, str]]:
+    """The first k demonstrations as chat exchanges, for a chat model that reads them as earlier
+    turns of its conversation (:func:`humback.rating.rater_prompt`): the user turn is Table 1
+    filled with the example's pair, the assistant turn what the rater should write (reasoning,
+    then the score line). A model imitates its own earlier replies more closely than examples
+    quoted inside one message: it keeps their length and ends on the score."""
+    return [(rating_instruction(ex.instruction, ex.answer), f"{ex.reasoning}\nScore: {ex.score}")
+            for ex in _rating_examples(k)]
+
+
 def rating_instruction(instruction: str, response: str, k: int = 0) -> str:
     """The rater's instruction: k demonstrations, then Table 1 filled with this pair.
 
@@ -233,9 +249,7 @@ def rating_instruction(instruction: str, response: str, k: int = 0) -> str:
         k: number of few-shot examples, 0 <= k <= len(RATING_EXAMPLES). The paper
             prompts zero-shot (k=0); a few examples help small models keep the format.
     """
-    if not 0 <= k <= len(RATING_EXAMPLES):
-        raise ValueError(f"k must be in 0..{len(RATING_EXAMPLES)}, got {k}")
-    shots = "".join(format_rating_example(i + 1, ex) for i, ex in enumerate(RATING_EXAMPLES[:k]))
+    shots = "".join(format_rating_example(i + 1, ex) for i, ex in enumerate(_rating_examples(k)))
     # str.format only reads placeholders in the template, never in the filled values,
     # so braces inside the instruction or the response are safe.
     return shots + TABLE1_PROMPT.format(generated_instruction=instruction.strip(), response=response.strip())

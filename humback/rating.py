@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data.pairs import DataError, Pair, append_jsonl, read_done_ids, require_unique_ids, unfinished_batches
-from data.templates import HEADER_STOP, Tag, forward_prompt, rating_instruction, rating_prompt
+from data.templates import HEADER_STOP, Tag, forward_prompt, rating_demonstrations, rating_instruction, rating_prompt
 from humback.inference import Complete, LogProbs
 from humback.scores import MIN_SCORE, SCORES, parse_score
 
@@ -55,8 +55,9 @@ METHODS = ("text", "logprob", "likelihood", "none")  # the values of a rated row
 # Which text a rater reads, as pipeline stages record it in their cache key: bump it whenever
 # rater_prompt or forced_score_prompt change what a given rater sees, so that stages rated the old
 # way run again instead of being reused. 2: a released chat model reads its own chat template,
-# and Llama-2's fallback keeps the space after [/INST]. (1, implied by its absence: plain only.)
-RATER_PROMPT_VERSION = 2
+# and Llama-2's fallback keeps the space after [/INST]. 3: ChatML raters read the demonstrations
+# as earlier turns. (1, implied by its absence: plain only.)
+RATER_PROMPT_VERSION = 3
 _NEXT_BLOCK = re.compile(r"^[ \t]*(?:#{2,}[ \t]*\w+:|Example \d+:)", re.MULTILINE)
 
 
@@ -72,12 +73,18 @@ def rater_prompt(instruction: str, output: str, k_shot: int, tag: Tag | None, ch
     adapter, ``pipeline.py --rater-model``) learned its own chat layout instead, and follows
     instructions far more reliably in it: it gets the same text as one user turn of its template
     (``chat``, from :func:`humback.inference.prompt_chat_format`), and no tag line, which only our
-    training data carries. Either way the answer is read from its last ``Score:`` line, and the
+    training data carries. Where the template can hold earlier turns (ChatML), the k
+    demonstrations are such turns, each Table 1 filled with its pair and answered by the
+    "assistant" (:func:`data.templates.rating_demonstrations`): measured on the 1.5B rater, that
+    made it end on a score far more often and tell real pairs from mismatched ones far better
+    than the same examples quoted in one message (docs/qwen-rater.md). Either way the answer is read from its last ``Score:`` line, and the
     fallback (:func:`forced_score_prompt`) continues this prompt inside the model's own reply.
     """
     if chat is None:
         return rating_prompt(instruction, output, k_shot, tag)
-    return chat.render(rating_instruction(instruction, output, k_shot))
+    if chat.writes_history:  # ChatML: each demonstration is an earlier exchange the model answered
+        return chat.render(rating_instruction(instruction, output), history=rating_demonstrations(k_shot))
+    return chat.render(rating_instruction(instruction, output, k_shot))  # Llama-2: all in one user turn
 
 
 def prompt_format_name(chat: ChatFormat | None) -> str:

@@ -43,6 +43,7 @@ which puts exactly one BOS id in front (``starts_with_bos`` says the template wa
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["ChatFormat", "chat_format"]
@@ -80,16 +81,32 @@ class ChatFormat:
         the tokens the model generated, but "[/INST]The" as ``]`` ``The``, a sequence it never wrote."""
         return " " if self.name == LLAMA2 else ""
 
-    def render(self, user: str, system: str | None = None) -> str:
+    @property
+    def writes_history(self) -> bool:
+        """Whether ``render`` can put earlier turns in front (ChatML: its turn markers are special
+        tokens spelled as text). Llama-2 chat separates turns with ``</s><s>``, the EOS and BOS
+        *tokens*, which a prompt text cannot carry through a sentencepiece tokenizer."""
+        return self.name == CHATML
+
+    def render(self, user: str, system: str | None = None, history: Sequence[tuple[str, str]] = ()) -> str:
         """The prompt for one user turn, with the generation prompt (the assistant's header).
 
+        ``history`` holds earlier (user, assistant) exchanges, written before it as the model saw
+        conversations in training: a way to show a few-shot demonstration as a turn the model
+        itself answered (ChatML only, see ``writes_history``).
+
         Equals transformers' ``apply_chat_template([{"role": "system", ...}, {"role": "user",
-        ...}], add_generation_prompt=True, tokenize=False)``, minus the leading BOS text when
+        ...}, ...], add_generation_prompt=True, tokenize=False)``, minus the leading BOS text when
         ``starts_with_bos``."""
+        if history and not self.writes_history:
+            raise ValueError(f"the {self.name} chat format takes one user turn here: its turns are "
+                             f"separated by EOS/BOS tokens, which prompt text cannot carry")
         if self.name == CHATML:
             system = self.default_system if system is None else system
             head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
-            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+            past = "".join(f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+                           for u, a in history)
+            return f"{head}{past}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         content = user if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
         return f"[INST] {content.strip()} [/INST]"
 

@@ -81,6 +81,19 @@ def test_rating_few_shot_count(k: int) -> None:
 def test_rating_few_shot_bounds(k: int) -> None:
     with pytest.raises(ValueError, match="k must be in"):
         T.rating_instruction("Q?", "A.", k=k)
+    with pytest.raises(ValueError, match="k must be in"):
+        T.rating_demonstrations(k)
+
+
+def test_rating_demonstrations_are_table1_exchanges() -> None:
+    """As chat turns: the user's is Table 1 filled with the example's pair, the assistant's ends on
+    the score line parse_score reads."""
+    from humback.scores import parse_score
+    demos = T.rating_demonstrations(len(T.RATING_EXAMPLES))
+    for (user, reply), ex in zip(demos, T.RATING_EXAMPLES):
+        assert user == T.TABLE1_PROMPT.format(generated_instruction=ex.instruction, response=ex.answer)
+        assert reply.startswith(ex.reasoning) and parse_score(reply) == ex.score
+    assert T.rating_demonstrations(0) == []
 
 
 def test_rating_examples_are_parseable_and_cover_the_scale() -> None:

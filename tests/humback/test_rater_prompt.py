@@ -18,7 +18,7 @@ import pytest
 
 import curate
 from data.pairs import Pair, read_pairs, write_jsonl_atomic
-from data.templates import INSTRUCTION_HEADER, SEED_TAG, rating_instruction, rating_prompt
+from data.templates import INSTRUCTION_HEADER, RATING_EXAMPLES, SEED_TAG, rating_instruction, rating_prompt
 from humback.cli import UsageError
 from humback.curation import read_rated
 from humback.flags import curate_parser
@@ -49,7 +49,15 @@ def test_rate_puts_the_table1_prompt_in_the_chat_template(tmp_path: Path, templa
         return [{1: -5.0, 2: -4.0, 3: -3.0, 4: -2.0, 5: -1.0} for _ in prompts]
 
     rate(PAIRS, complete, score_next, tmp_path / "rated.jsonl", k_shot=2, tag="seed", progress=False, chat=chat)
-    want = [chat.render(rating_instruction(p.instruction, p.output, 2)) for p in PAIRS]
+    if template == "smollm2":  # ChatML: the two demonstrations are earlier exchanges, then Table 1 alone
+        demos = [(rating_instruction(ex.instruction, ex.answer, 0), f"{ex.reasoning}\nScore: {ex.score}")
+                 for ex in RATING_EXAMPLES[:2]]
+        want = [chat.render(rating_instruction(p.instruction, p.output, 0), history=demos) for p in PAIRS]
+        assert all(w.count("<|im_start|>user\n") == 3 and w.count("<|im_start|>assistant\n") == 3 for w in want)
+        assert "Score: 5<|im_end|>\n<|im_start|>user\n" in want[0]  # the first demonstration's answer, a turn
+    else:  # Llama-2: one user turn, the demonstrations quoted before Table 1
+        want = [chat.render(rating_instruction(p.instruction, p.output, 2)) for p in PAIRS]
+        assert all(w.count("[INST]") == 1 and "Example 2:" in w for w in want)
     assert seen["complete"] == want
     assert all(INSTRUCTION_HEADER not in p and SEED_TAG not in p for p in want)  # no plain format, no tag line
     # The fallback continues the model's own reply inside the template: prompt, the template's

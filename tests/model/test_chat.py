@@ -55,6 +55,32 @@ def test_chatml_matches_transformers(model, hf_chat_tokenizer) -> None:
         assert fmt.render(user, system) == reference(hf_chat_tokenizer, TEMPLATES[model], user, system)
 
 
+HISTORY = [("Rate: say hi / hi", "Direct and brief.\nScore: 5"), ("Rate: say hi / buy now!", "An advert.\nScore: 1")]
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen2.5"])
+def test_chatml_history_matches_transformers(model, hf_chat_tokenizer) -> None:
+    """Earlier exchanges (few-shot demonstrations shown as turns the model answered) come out as
+    the template writes a conversation: user, assistant, ..., then the new user turn."""
+    fmt = chat_format(TEMPLATES[model])
+    assert fmt.writes_history
+    for user, system in CASES:
+        conversation = messages("", system)[:-1] + [
+            {"role": role, "content": text} for u, a in HISTORY for role, text in (("user", u), ("assistant", a))]
+        want = hf_chat_tokenizer.apply_chat_template(conversation + [{"role": "user", "content": user}],
+                                                     chat_template=TEMPLATES[model], add_generation_prompt=True,
+                                                     tokenize=False)
+        assert fmt.render(user, system, HISTORY) == want
+    assert fmt.render("Hi", history=()) == fmt.render("Hi")
+
+
+def test_llama2_takes_one_user_turn() -> None:
+    fmt = chat_format(TEMPLATES["llama2-chat"])
+    assert not fmt.writes_history
+    with pytest.raises(ValueError, match="llama2 chat format takes one user turn"):
+        fmt.render("Hi", history=HISTORY)
+
+
 def test_chatml_default_system_prompts() -> None:
     assert chat_format(TEMPLATES["qwen2.5"]).default_system == (
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
