@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace) -> int:
     from lora import distributed
+    from model import engine
     i, n = sharding.shard_flag(args.shard)
     settings = inference.adapter_settings(args.adapter)
     inference.check_direction(settings, "forward", "rating (the seed model answering the Table 1 prompt)")
@@ -158,17 +159,19 @@ def _curate(args: argparse.Namespace) -> int:
     progress = not args.no_progress and distributed.is_main()
     t0 = time.perf_counter()
     chat = None
-    if args.method == "likelihood":
-        counts = rating.rate_by_likelihood(mine, inference.logprobs_fn(model, tok, args.batch_size), out,
-                                           batch_size=per_call, tag=tag, progress=progress,
-                                           done_files=done_files)
-    else:
-        chat = inference.prompt_chat_format(tok, args.adapter, args.prompt_format)
-        tag = inference.rating_tag(args.tag, tag, chat)
-        complete = inference.completer(model, tok, args, args.max_new_tokens, rating.RATER_STOPS)
-        score_next = None if args.no_fallback else rating.logprob_scorer(model, tok, batch_size=args.batch_size)
-        counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=per_call,
-                             tag=tag, progress=progress, done_files=done_files, chat=chat)
+    # every call below (the chunks, their fallback) prompts after one prefix: prefill it once
+    with engine.keep_prefixes(model):
+        if args.method == "likelihood":
+            counts = rating.rate_by_likelihood(mine, inference.logprobs_fn(model, tok, args.batch_size), out,
+                                               batch_size=per_call, tag=tag, progress=progress,
+                                               done_files=done_files)
+        else:
+            chat = inference.prompt_chat_format(tok, args.adapter, args.prompt_format)
+            tag = inference.rating_tag(args.tag, tag, chat)
+            complete = inference.completer(model, tok, args, args.max_new_tokens, rating.RATER_STOPS)
+            score_next = None if args.no_fallback else rating.logprob_scorer(model, tok, batch_size=args.batch_size)
+            counts = rating.rate(mine, complete, score_next, out, k_shot=args.k_shot, batch_size=per_call,
+                                 tag=tag, progress=progress, done_files=done_files, chat=chat)
     counts = sharding.merge_ranks(args.out, [p.id for p in pairs], counts)
     if counts is None:  # a rank other than 0: its part is written and merged
         return 0

@@ -129,16 +129,20 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
 def adapter_loaded(model: Any, folder: str | None) -> Iterator[Any]:
     """Inside the block the model runs with the LoRA adapter in ``folder`` (or as the plain base
     when None); afterwards the LoRA layers are taken out again (not merged), so the next adapter,
-    or the base, starts from exactly the original weights."""
+    or the base, starts from exactly the original weights. Inside, calls reuse the shared prompt
+    prefix the last one computed (:func:`model.engine.keep_prefixes`)."""
+    from model.engine import keep_prefixes  # the weights are fixed inside: calls share their prefix
     if folder is None:
-        yield model
+        with keep_prefixes(model):
+            yield model
         return
     from lora.adapter import load_adapter
     from lora.inject import unwrap_lora
     load_adapter(model, folder)
     model.eval()
     try:
-        yield model
+        with keep_prefixes(model):
+            yield model
     finally:
         unwrap_lora(model, merge=False)
 

@@ -223,7 +223,7 @@ def token_logprobs(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], c
         if not p:
             raise ValueError(f"empty prompt {text!r}: a continuation needs at least one token to condition on")
     P = engine.shared_prefix_len([p for p, _ in pairs])
-    prefix = engine.Prefix.compute(model, pairs[0][0][:P]) if P else None
+    prefix = engine.prefix_for(model, pairs[0][0][:P])
     result: list[torch.Tensor] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -255,7 +255,7 @@ def next_token_logprobs(model: Llama, tokenizer: Tokenizer, prompts: Sequence[st
     if any(not r for r in rows):
         raise ValueError("empty prompt: the next token needs at least one token to condition on")
     P = engine.shared_prefix_len(rows)  # the rating prompts' instructions and examples: run once
-    prefix = engine.Prefix.compute(model, rows[0][:P]) if P else None
+    prefix = engine.prefix_for(model, rows[0][:P])
     out = []
     for start in range(0, len(rows), batch_size):
         suffixes = [r[P:] for r in rows[start:start + batch_size]]

@@ -158,3 +158,40 @@ def test_stream_yields_rows_as_they_finish(tiny):
     assert sorted(order) == list(range(len(prompts)))
     with pytest.raises(ValueError, match="empty prompt"):
         list(engine.stream(model, [[1, 2], []], 4, tok.pad_id))
+
+
+def test_kept_prefix_is_computed_once_and_outputs_stay_those_alone(tiny, monkeypatch):
+    """Inside keep_prefixes, calls after the same prefix (a rating run's chunks, then its fallback)
+    prefill it once, a shorter shared prefix is a slice of the kept one, and every output is the one
+    each prompt gets alone; outside the block (or after it) each call computes its own again."""
+    model, tok = tiny
+    rows = prompt_rows(tok)
+    computed = []
+    real = engine.Prefix.compute.__func__
+
+    def counting(cls, m, ids):
+        computed.append(len(ids))
+        return real(cls, m, ids)
+    monkeypatch.setattr(engine.Prefix, "compute", classmethod(counting))
+    expected = alone(model, tok, rows, 12)
+    P = engine.shared_prefix_len(rows)
+    with engine.keep_prefixes(model):
+        assert run_engine(model, tok, rows[:4], 12) == expected[:4]
+        assert run_engine(model, tok, rows[4:], 12) == expected[4:]
+        got = next_token_logprobs(model, tok, [PREFIX + e for e in ENDINGS], batch_size=3)
+        # three calls, one prefill of the prefix (rows[4:] share one more token: only that one is run)
+        assert computed == [P] and len(model._kept_prefix[0].ids) == engine.shared_prefix_len(rows[4:]) > P
+        short = engine.prefix_for(model, rows[0][:P - 3])  # a beginning of the kept one: its slice
+        assert computed == [P] and [k.shape[2] for k, _ in short.kv] == [P - 3] * len(short.kv)
+        full = real(engine.Prefix, model, rows[0][:P - 3])
+        assert all(torch.allclose(a, b, atol=1e-6) for (a, _), (b, _) in zip(short.kv, full.kv))
+        other = [tok.encode("A different start of every prompt, long enough. " + e, bos=tok.add_bos) for e in ENDINGS]
+        run_engine(model, tok, other, 2)
+        assert len(computed) == 2 and model._kept_prefix[0].ids == other[0][:engine.shared_prefix_len(other)]
+    with torch.no_grad():
+        ids, mask = left_pad(rows, tok.pad_id, torch.device("cpu"))
+        want = F.log_softmax(model(ids, mask)[:, -1].float(), -1)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    run_engine(model, tok, rows, 2)
+    run_engine(model, tok, rows, 2)
+    assert len(computed) == 4 and getattr(model, "_kept_prefix", None) is None  # nothing kept outside
