@@ -145,3 +145,28 @@ def test_config_maps_real_configs():
     assert LlamaConfig.from_dict(tinyllama).num_key_value_heads == 4
     v5 = dict(llama2_7b, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
     assert LlamaConfig.from_dict(v5).rope_theta == 100000.0
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(12, 2), (4, 4)], ids=["gqa", "mha"])
+def test_one_query_attention_equals_sdpa(heads, kv_heads):
+    """The CPU decode step's attention (model.llama.one_query_attention) against SDPA on the same
+    inputs, with a boolean and an additive mask: float32 to rounding; in bf16 as close to the
+    exact (float64) result as SDPA itself."""
+    import torch.nn.functional as F
+    from model.llama import one_query_attention
+    g = torch.Generator().manual_seed(0)
+    B, D, S = 3, 16, 40
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((heads, 1), (kv_heads, S), (kv_heads, S)))
+    sees = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    sees[..., -1] = True  # a row always sees its own new key
+    additive = torch.zeros(B, 1, 1, S).masked_fill(~sees, float("-inf"))
+    rep = heads // kv_heads
+    exact = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                           v.double().repeat_interleave(rep, 1), attn_mask=sees)
+    for mask in (sees, additive, None):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
+        assert torch.allclose(one_query_attention(q, k, v, mask), want, atol=1e-6)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ours = (one_query_attention(qb, kb, vb, additive.bfloat16()).double() - exact).abs().max()
+    sdpa = (F.scaled_dot_product_attention(qb, kb, vb, attn_mask=sees, enable_gqa=rep > 1).double() - exact).abs().max()
+    assert ours <= sdpa * 1.5 + 1e-3
