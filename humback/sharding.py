@@ -91,12 +91,16 @@ def part_path(out_path: str | Path, rank: int, world: int) -> Path:
 
 
 def part_files(out_path: str | Path) -> list[Path]:
-    """The part files of ``out_path`` on disk, whatever the number of ranks that wrote them
-    (an interrupted run may have used another number)."""
+    """The part files of ``out_path`` that ranks wrote, whatever their number (an interrupted run
+    may have used another). A part counts when its file or its dropped sidecar is on disk: a rank
+    whose every row was dropped wrote only the sidecar (``aug.rank0-of-2.dropped.jsonl``), and its
+    rows must be merged and counted as done like any other."""
     out_path = Path(out_path)
-    name = re.compile(re.escape(out_path.stem) + r"\.rank\d+-of-\d+" + re.escape(out_path.suffix))
+    name = re.compile("(" + re.escape(out_path.stem) + r"\.rank\d+-of-\d+)(?:\.dropped)?" + re.escape(out_path.suffix))
     folder = out_path.parent
-    return sorted(p for p in folder.iterdir() if name.fullmatch(p.name)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted({folder / (m.group(1) + out_path.suffix) for p in folder.iterdir() if (m := name.fullmatch(p.name))})
 
 
 def done_elsewhere(out_path: str | Path, part: Path) -> list[Path]:
@@ -136,7 +140,7 @@ def merge_parts(out_path: str | Path, order: Sequence[str]) -> int:
     appended = _append_missing(Path(out_path), parts, position)
     _append_missing(dropped_path(out_path), [dropped_path(p) for p in parts], position)
     for p in parts:
-        p.unlink()
+        p.unlink(missing_ok=True)  # a part may be its sidecar alone
         dropped_path(p).unlink(missing_ok=True)
     return appended
 

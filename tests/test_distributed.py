@@ -25,7 +25,7 @@ import curate
 import generate
 import train as train_script
 from data.pairs import dropped_path
-from humback.sharding import merge_parts, part_files, part_path, shard_batches
+from humback.sharding import done_elsewhere, merge_parts, part_files, part_path, shard_batches
 from tests.tiny import REPO, make_tiny
 
 UNLABELLED = str(REPO / "data" / "demo" / "unlabelled.jsonl")
@@ -251,3 +251,19 @@ def test_merge_parts_keeps_input_order_skips_done_ids_and_torn_lines(tmp_path: P
     assert ids(dropped_path(out)) == ["f"]
     assert part_files(out) == [] and (tmp_path / "aug.rank0-of-2.dropped.jsonl.bak").exists()
     assert merge_parts(out, ["a"]) == 0  # nothing left to merge
+
+
+def test_a_rank_that_dropped_every_row_is_merged_and_counted_done(tmp_path: Path) -> None:
+    """A rank whose rows were all dropped wrote only its sidecar: its rows still reach the merged
+    dropped file (they were once left behind, with its part), and other ranks count them as done."""
+    out = tmp_path / "aug.jsonl"
+    row = lambda i: json.dumps({"id": i, "instruction": "q", "output": "a"}) + "\n"  # noqa: E731
+    dropped = lambda i: json.dumps({"id": i, "reason": "too_short"}) + "\n"  # noqa: E731
+    dropped_path(part_path(out, 0, 2)).write_text(dropped("a") + dropped("b"))  # rank 0: no kept row, no part file
+    part_path(out, 1, 2).write_text(row("c"))
+    dropped_path(part_path(out, 1, 2)).write_text(dropped("d"))
+    assert part_files(out) == [part_path(out, 0, 2), part_path(out, 1, 2)]
+    assert dropped_path(part_path(out, 0, 2)) in done_elsewhere(out, part_path(out, 1, 2))
+    assert merge_parts(out, ["a", "b", "c", "d"]) == 1
+    assert ids(out) == ["c"] and ids(dropped_path(out)) == ["a", "b", "d"]
+    assert part_files(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["aug.dropped.jsonl", "aug.jsonl"]

@@ -14,7 +14,7 @@ import pytest
 import model.sampling
 import pipeline
 from data import DEMO_DIR
-from data.pairs import read_jsonl, read_pairs
+from data.pairs import dropped_path, read_jsonl, read_pairs
 from humback.training import answer_tokens
 from tests.tiny import make_tiny
 
@@ -41,8 +41,8 @@ def test_pipeline_runs_caches_and_redoes_from_a_stage(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(manifests(work)) == STAGES
     augmented = read_jsonl(work / "augment/augmented.jsonl")
-    dropped = read_jsonl(work / "augment/augmented.jsonl.dropped.jsonl") if \
-        (work / "augment/augmented.jsonl.dropped.jsonl").exists() else []
+    sidecar = dropped_path(work / "augment/augmented.jsonl")
+    dropped = read_jsonl(sidecar) if sidecar.exists() else []
     assert len(augmented) + len(dropped) == 8
     assert all({"id", "instruction", "output", "source"} <= set(r) for r in augmented)
     rated = read_jsonl(work / "curate/rated.jsonl")
@@ -215,7 +215,7 @@ def test_killed_augmentation_resumes_without_loss_or_duplicates(tiny, tmp_path, 
     assert 0 < len(partial) <= 4 and not (work / "augment/manifest.json").exists()
     monkeypatch.setattr(model.sampling, "generate", real)
     assert pipeline.main(["--workdir", str(work), "--model", tiny, "--until", "augment"] + one_per_call) == 0
-    dropped_file = work / "augment/augmented.jsonl.dropped.jsonl"
+    dropped_file = dropped_path(work / "augment/augmented.jsonl")
     ids = [r["id"] for r in read_jsonl(work / "augment/augmented.jsonl")] + \
         ([r["id"] for r in read_jsonl(dropped_file)] if dropped_file.exists() else [])
     expected = [r["id"] for r in read_jsonl(work / "data/unlabelled.jsonl")]
