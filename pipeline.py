@@ -58,8 +58,8 @@ from humback.cli import INPUT_ERRORS, fail
 from humback.flags import check_pipeline_flags, pipeline_parser
 from humback.pipeline_run import Run, StageFailed, UntilReached, call, heldout_files
 from humback.presets import Preset, resolve_preset
-from humback.rating import RATER_PROMPT_VERSION
 from humback.publish import PushError, publish_run
+from humback.rating import RATER_PROMPT_VERSION
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,13 +71,14 @@ def rater_prompt(instruction: str, output: str, k_shot: int, tag: Tag | None, ch
     ``### Instruction`` format, so it gets :func:`data.templates.rating_prompt` (with the tag line
     it was trained with). A chat model used as it was released (``curate.py --model`` without an
     adapter, ``pipeline.py --rater-model``) learned its own chat layout instead, and follows
-    instructions far more reliably in it: it gets the same text as one user turn of its template
-    (``chat``, from :func:`humback.inference.prompt_chat_format`), and no tag line, which only our
-    training data carries. Where the template can hold earlier turns (ChatML), the k
-    demonstrations are such turns, each Table 1 filled with its pair and answered by the
-    "assistant" (:func:`data.templates.rating_demonstrations`): measured on the 1.5B rater, that
-    made it end on a score far more often and tell real pairs from mismatched ones far better
-    than the same examples quoted in one message (docs/qwen-rater.md). Either way the answer is read from its last ``Score:`` line, and the
+    instructions far more reliably in it: it gets the same text in its template (``chat``, from
+    :func:`humback.inference.prompt_chat_format`), and no tag line, which only our training data
+    carries. Where the template can hold earlier turns (ChatML), the k demonstrations are such
+    turns, each Table 1 filled with its pair and answered by the "assistant"
+    (:func:`data.templates.rating_demonstrations`): measured on the 1.5B rater, that made it end
+    on a score far more often and tell real pairs from mismatched ones far better than the same
+    examples quoted in one message (docs/qwen-rater.md); Llama-2 gets them in its one user turn.
+    Either way the answer is read from its last ``Score:`` line, and the
     fallback (:func:`forced_score_prompt`) continues this prompt inside the model's own reply.
     """
     if chat is None:

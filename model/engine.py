@@ -89,7 +89,7 @@ def keep_prefixes(model: Llama) -> Iterator[None]:
 
     A rating run makes several calls after the same Table 1 prefix: ``generate`` per chunk of
     rows, then the fallback's log-probabilities; with a chat rater that prefix is 1,600 tokens of
-    a 1.5B model, 18 s of prefill each time on a CPU. The caller promises the weights do not change
+    a 1.5B model, many seconds of prefill each time on a CPU. The caller promises the weights do not change
     inside the block (:func:`humback.inference.adapter_loaded` opens one around each adapter): a
     kept prefix would be stale after a weight update or an adapter swap."""
     before = getattr(model, "_kept_prefix", None)

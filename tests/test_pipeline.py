@@ -268,7 +268,8 @@ def test_a_flag_a_script_rejects_ends_the_run_naming_that_script(tiny, tmp_path,
 
 def test_ablation_draws_flag_is_checked_before_anything_is_written(tmp_path, capsys):
     for extra in (["--ablation", "--ablation-draws", "0"], ["--ablation-draws", "3"], ["--ablation-oracle", "lima"],
-                  ["--preset", "paper", "--rater-model", "some/chat-model"], ["--preset", "assignment", "--iterations", "2"]):
+                  ["--preset", "paper", "--rater-model", "some/chat-model"],
+                  ["--preset", "assignment", "--iterations", "2"]):
         with pytest.raises(SystemExit) as e:
             pipeline.main(["--workdir", str(tmp_path / "run")] + extra)
         assert e.value.code == 2
