@@ -4,14 +4,18 @@ The method's two generation workloads waste work in a static batch (``sampling.g
 
 * **Rating prompts are mostly one shared prefix.** The Table 1 instructions and the few-shot
   examples are the same in every rating prompt (80-87% of its tokens); only the pair differs.
-  So the keys and values of that **prefix** are computed once, by one forward pass, and copied
-  into every row's cache; each row then runs only its own **suffix** (vLLM's automatic prefix
-  caching and SGLang's RadixAttention, for the one prefix all prompts share).
+  So the keys and values of that **prefix** are computed once, by one forward pass, and kept
+  once, beside the rows (``KVCache.prefix``); each row runs only its own **suffix** after it,
+  and a decode step reads the one copy for all rows together (vLLM's automatic prefix caching
+  and SGLang's RadixAttention, for the one prefix all prompts share).
 * **Rows finish at different times.** A static batch decodes until its longest row ends, and
   a row that hit EOS early keeps its place doing nothing. Here the cache has a fixed number of
   rows, the **slots**; when a row finishes (a stop token, a stop string, its token limit), its
   result is handed out and the slot is **refilled**: the next waiting prompt is prefilled into
   it, so the batch stays full until the work runs out (continuous batching, as in vLLM/Orca).
+  Slots that free up together are filled by one prefill, up to ``PREFILL_TOKENS``. Prompts go
+  in longest first, so the rows running together are about as long as each other: a step's
+  attention spans the longest row's slots, and a group prefill pads to its longest prompt.
   When no prompt is left and half the slots are empty, the cache is compacted to the rows still
   running, so the tail costs what it computes.
 
@@ -19,7 +23,8 @@ Rows are independent. A slot's row has its own length and its own positions (no 
 prompt is prefilled from the end of the prefix, right-padded only within one prefill call),
 each decode step writes each row's new key/value at that row's own length
 (``KVCache.update`` with a tensor of slots), and the attention mask lets each row see only its
-own slots. A sampled row draws from its own random generator, seeded from the run's seed and
+own slots (and the prefix). On a CPU the slots are float32, the dtype the decode step's
+attention computes in (``model.llama.one_query_attention``), so no step converts the cache. A sampled row draws from its own random generator, seeded from the run's seed and
 the row's prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts
 share its batch, the batch size, their order, the number of processes, or a resume.
 
@@ -44,6 +49,12 @@ from .llama import KVCache, Llama
 
 # A prefix shorter than this is not worth a separate forward pass and the copies.
 MIN_PREFIX = 16
+
+# Prompts are prefilled together while their padded block stays within this many tokens. On a
+# CPU a long prompt's prefill is already compute-bound, and a bigger block only costs more
+# (4 LIMA prompts of ~430 tokens: 1.59 s one at a time, 1.86 s in one block), while a few short
+# suffixes after a shared prefix gain from reading the weights once for all of them.
+PREFILL_TOKENS = 512
 
 
 def row_seed(seed: int, prompt_ids: Sequence[int]) -> int:
@@ -123,10 +134,10 @@ def prefix_for(model: Llama, ids: Sequence[int]) -> Prefix | None:
     return kept[0]
 
 
-def _caches(model: Llama, batch: int, length: int) -> list[KVCache]:
-    """One empty KVCache per layer, in the model's dtype and device."""
+def _caches(model: Llama, batch: int, length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+    """One empty KVCache per layer, on the model's device, in ``dtype`` (default: the model's)."""
     w = model.model.embed_tokens.weight
-    return [KVCache(batch, length, layer.self_attn.n_kv_heads, layer.self_attn.head_dim, w.dtype, w.device)
+    return [KVCache(batch, length, layer.self_attn.n_kv_heads, layer.self_attn.head_dim, dtype or w.dtype, w.device)
             for layer in model.model.layers]
 
 
@@ -211,28 +222,44 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
     prefix = prefix_for(model, rows[0][:P])
     stops = set(stop_ids)
     n = min(n_slots, len(rows))
-    length = max(len(r) for r in rows) + max_new_tokens
-    caches = _caches(model, n, length)
+    # The slots hold each row's own tokens; the prefix is kept once, beside them (KVCache.prefix).
+    # On a CPU they are float32, what a decode step's attention computes in: no copy per step.
+    caches = _caches(model, n, max(len(r) for r in rows) - P + max_new_tokens,
+                     torch.float32 if device.type == "cpu" else None)
+    for c, kv in zip(caches, prefix.kv if prefix else ()):
+        c.prefix = (kv[0].float(), kv[1].float())
     slots: list[_Slot | None] = [None] * n
     logits = torch.zeros(n, model.config.vocab_size, dtype=model.model.embed_tokens.weight.dtype, device=device)
-    waiting = list(range(len(rows)))[::-1]  # prompts not yet admitted, the next one last
+    # Prompts not yet admitted, the next one last: the longest first, so the rows running together
+    # have similar lengths and a step's attention (over the longest row's slots) wastes little.
+    waiting = sorted(range(len(rows)), key=lambda i: len(rows[i]))
 
-    def admit(slot: int, i: int) -> None:
-        """Prefill prompt ``i`` into cache row ``slot``: its suffix after the prefix, alone (a
-        batch of suffixes would be padded to the longest, and their lengths vary a lot)."""
-        hidden, filled = prefill_hidden(model, [rows[i][P:]], prefix, pad_id)
-        logits[slot] = last_logits(model, hidden, [len(rows[i]) - P])[0]
+    def admit(free: list[int], prompts: list[int]) -> None:
+        """Prefill ``prompts`` into the cache rows ``free``: their suffixes after the prefix, in one
+        forward pass, right-padded to the longest. Slots free up together (at the start, and
+        when rows admitted together end at their token limit together), and the longest-first
+        order makes the prompts admitted together about as long as each other: little padding."""
+        own = [len(rows[i]) - P for i in prompts]
+        hidden, filled = prefill_hidden(model, [rows[i][P:] for i in prompts], prefix, pad_id)
+        logits[free] = last_logits(model, hidden, own)
         for big, small in zip(caches, filled):
-            big.k[slot, :, :len(rows[i])] = small.k[0]
-            big.v[slot, :, :len(rows[i])] = small.v[0]
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
-        slots[slot] = _Slot(i, len(rows[i]), [], gen)
+            for j, (slot, n) in enumerate(zip(free, own)):
+                big.k[slot, :, :n] = small.k[j, :, P:P + n]
+                big.v[slot, :, :n] = small.v[j, :, P:P + n]
+        for slot, i, n in zip(free, prompts, own):
+            gen = None
+            if temperature > 0:
+                gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
+            slots[slot] = _Slot(i, n, [], gen)
 
     while True:
-        for k in [k for k, s in enumerate(slots) if s is None][:len(waiting)]:
-            admit(k, waiting.pop())
+        free = [k for k, s in enumerate(slots) if s is None][:len(waiting)]
+        while free:  # the free slots take the next prompts, as many per prefill as PREFILL_TOKENS allows
+            take, longest = 1, len(rows[waiting[-1]]) - P  # waiting ends with the longest
+            while take < len(free) and (take + 1) * longest <= PREFILL_TOKENS:
+                take += 1
+            admit(free[:take], [waiting.pop() for _ in range(take)])
+            free = free[take:]
         active = [k for k, s in enumerate(slots) if s is not None]
         if not active:
             return
@@ -265,6 +292,6 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
         S = int(pos.max()) + 1
         key_mask = (torch.arange(S)[None, :] <= pos[:, None]).long()
         last, pos, key_mask = last.to(device), pos.to(device), key_mask.to(device)
-        logits = _run(model, caches, last, key_mask, pos[:, None], pos)[:, -1]
+        logits = _run(model, caches, last, key_mask, P + pos[:, None], pos)[:, -1]  # positions count the prefix
         for k in running:
             slots[k].length += 1

@@ -71,7 +71,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for every layer position ("slot") of a batch of sequences."""
+    """Preallocated keys/values for every layer position ("slot") of a batch of sequences.
+
+    ``prefix``, when set, is the keys and values (1, H_kv, P, D) of tokens every row has before
+    its own slots, kept once instead of once per row: the inference engine puts the prefix all
+    its prompts share there (model/engine.py), and a decode step attends to it and then to the
+    row's own slots (:func:`one_query_attention`)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -79,6 +84,7 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +95,8 @@ class KVCache(nn.Module):
         ``end`` slots are returned, and the attention mask says which of them each row sees."""
         if isinstance(start, torch.Tensor):
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, start] = k[:, :, 0]
-            self.v[rows, :, start] = v[:, :, 0]
+            self.k[rows, :, start] = k[:, :, 0].to(self.k.dtype)  # the engine's CPU cache is float32
+            self.v[rows, :, start] = v[:, :, 0].to(self.v.dtype)
             return self.k[:, :, :end], self.v[:, :, :end]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
@@ -117,8 +123,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start_pos is not None:
             k, v = self.cache.update(start_pos, k, v, None if mask is None else mask.shape[-1])
-        if T == 1 and x.device.type == "cpu":  # a decode step on a CPU: see one_query_attention
-            return self.o_proj(one_query_attention(q, k, v, mask).transpose(1, 2).reshape(B, 1, -1))
+        prefix = None if self.cache is None else self.cache.prefix
+        if T == 1 and (x.device.type == "cpu" or prefix is not None):  # a decode step: see one_query_attention
+            return self.o_proj(one_query_attention(q, k, v, mask, prefix).transpose(1, 2).reshape(B, 1, -1))
+        if prefix is not None:
+            raise ValueError("a cache's shared prefix serves decode steps (one query per row) only")
         # Without a mask, a causal mask is only needed when queries see their own block of keys.
         causal = mask is None and T > 1 and k.shape[2] == T
         # Grouped-query attention: each kv head serves n_heads / n_kv_heads consecutive q heads.
@@ -129,9 +138,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention for one query per row (a decode step), as two float32 matmuls.
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention for one query per row (a decode step), as float32 matmuls.
 
     q (B, H, 1, D); k, v (B, H_kv, S, D); mask None or (B, 1, 1, S), boolean (True = may see) or
     additive (0 / -inf). Each kv head serves its G = H / H_kv query heads as a (G, D) block, so
@@ -139,14 +148,28 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     takes most of a decode step for one query per row (``python bench/bench_decode_step.py``: a
     Qwen2-1.5B step at 8 rows x 1,800 cached keys, 939 ms with SDPA, 539 ms with this), and
     float32 keeps SDPA's accuracy, which also accumulates scores in float32. For a block of
-    queries (prefill) SDPA is the faster one, and on a GPU both stay with SDPA."""
+    queries (prefill) SDPA is the faster one, and on a GPU a step without a prefix stays with it.
+
+    ``prefix`` (keys, values of shape (1, H_kv, P, D)) is what every row sees before its own S
+    keys (:class:`KVCache`). All rows' queries meet its one copy in one (B*G, D) x (D, P) matmul
+    per kv head, instead of each row reading a copy of its own, and one softmax runs over the P
+    prefix scores and the row's S: the same attention as over the row's P + S keys."""
     B, H, _, D = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
-    scores = (q.reshape(B, kv_heads, H // kv_heads, D).float() * D ** -0.5) @ k.float().transpose(-1, -2)
+    G, dtype = H // kv_heads, q.dtype
+    q = q.reshape(B, kv_heads, G, D).float() * D ** -0.5
+    scores = q @ k.float().transpose(-1, -2)  # (B, H_kv, G, S)
     if mask is not None:
         mask = mask.reshape(B, 1, 1, S)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    return (scores.softmax(-1) @ v.float()).reshape(B, H, 1, D).to(q.dtype)
+    if prefix is None:
+        return (scores.softmax(-1) @ v.float()).reshape(B, H, 1, D).to(dtype)
+    pk, pv = prefix[0][0].float(), prefix[1][0].float()  # (H_kv, P, D)
+    P = pk.shape[1]
+    shared = (q.transpose(0, 1).reshape(kv_heads, B * G, D) @ pk.transpose(-1, -2)).view(kv_heads, B, G, P)
+    probs = torch.cat([shared.transpose(0, 1), scores], -1).softmax(-1)  # (B, H_kv, G, P + S)
+    y = (probs[..., :P].transpose(0, 1).reshape(kv_heads, B * G, P) @ pv).view(kv_heads, B, G, D).transpose(0, 1)
+    return (y + probs[..., P:] @ v.float()).reshape(B, H, 1, D).to(dtype)
 
 
 class MLP(nn.Module):

@@ -195,3 +195,41 @@ def test_kept_prefix_is_computed_once_and_outputs_stay_those_alone(tiny, monkeyp
     run_engine(model, tok, rows, 2)
     run_engine(model, tok, rows, 2)
     assert len(computed) == 4 and getattr(model, "_kept_prefix", None) is None  # nothing kept outside
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+@pytest.mark.parametrize("budget", [0, 40, 10_000], ids=["one-at-a-time", "in-pairs", "all-at-once"])
+def test_prompts_prefilled_together_get_their_tokens_alone(which, budget, request, monkeypatch):
+    """Free slots take the next prompts (longest first) in prefills of up to PREFILL_TOKENS padded
+    tokens; however they are grouped, every prompt gets what it gets alone. The decode caches hold
+    each row's own tokens only, the shared prefix once beside them (KVCache.prefix)."""
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    P = engine.shared_prefix_len(rows)
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", budget)
+    blocks, caches = [], []
+    real_prefill, real_caches = engine.prefill_hidden, engine._caches
+
+    def counting(m, suffixes, prefix, pad_id, extra=0):
+        blocks.append([len(s) for s in suffixes])
+        return real_prefill(m, suffixes, prefix, pad_id, extra)
+
+    def keeping(*a, **kw):
+        caches.append(real_caches(*a, **kw))
+        return caches[-1]
+    monkeypatch.setattr(engine, "prefill_hidden", counting)
+    monkeypatch.setattr(engine, "_caches", keeping)
+    expected = alone(model, tok, rows, 15)
+    blocks.clear()
+    caches.clear()
+    assert run_engine(model, tok, rows, 15, n_slots=4) == expected
+    assert sorted(n for b in blocks for n in b) == sorted(len(r) - P for r in rows)  # each prompt once
+    assert blocks[0][0] == max(len(r) for r in rows) - P  # the longest first
+    assert all(len(b) * max(b) <= budget for b in blocks if len(b) > 1)
+    if budget == 0:
+        assert all(len(b) == 1 for b in blocks)
+    if budget == 10_000:
+        assert [len(b) for b in blocks][0] == 4  # the four free slots filled by one prefill
+    decode = [c for c in caches if c[0].prefix is not None]  # the decode caches: 4 slots of own tokens
+    assert len(decode) == 1 and decode[0][0].prefix[0].shape[2] == P
+    assert decode[0][0].k.shape[:3] == (4, decode[0][0].k.shape[1], max(len(r) for r in rows) - P + 15)

@@ -170,3 +170,48 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     ours = (one_query_attention(qb, kb, vb, additive.bfloat16()).double() - exact).abs().max()
     sdpa = (F.scaled_dot_product_attention(qb, kb, vb, attn_mask=sees, enable_gqa=rep > 1).double() - exact).abs().max()
     assert ours <= sdpa * 1.5 + 1e-3
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(12, 2), (4, 4)], ids=["gqa", "mha"])
+def test_one_query_attention_with_a_shared_prefix_equals_attention_over_a_copy_per_row(heads, kv_heads):
+    """A decode step whose rows share a prefix kept once (KVCache.prefix, as the engine keeps the
+    rating prompts' instructions) attends as SDPA does over each row's own copy of it followed
+    by the row's keys: float32 to rounding, in bf16 (float32 caches, as the engine's CPU cache)
+    as close to the exact result as SDPA."""
+    import torch.nn.functional as F
+    from model.llama import one_query_attention
+    g = torch.Generator().manual_seed(1)
+    B, D, P, S = 3, 16, 25, 9
+    q = torch.randn(B, heads, 1, D, generator=g)
+    pk, pv = (torch.randn(1, kv_heads, P, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, kv_heads, S, D, generator=g) for _ in range(2))
+    sees = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    sees[..., 0] = True
+    additive = torch.zeros(B, 1, 1, S).masked_fill(~sees, float("-inf"))
+    full_k, full_v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+    full_mask = torch.cat([torch.ones(B, 1, 1, P, dtype=torch.bool), sees], -1)
+    rep = heads // kv_heads
+    want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask, enable_gqa=rep > 1)
+    assert torch.allclose(one_query_attention(q, k, v, additive, (pk, pv)), want, atol=1e-6)
+    assert torch.allclose(one_query_attention(q, k, v, sees, (pk, pv)), want, atol=1e-6)
+    exact = F.scaled_dot_product_attention(q.double(), full_k.double().repeat_interleave(rep, 1),
+                                           full_v.double().repeat_interleave(rep, 1), attn_mask=full_mask)
+    ours = (one_query_attention(q.bfloat16(), k.bfloat16().float(), v.bfloat16().float(), additive.bfloat16(),
+                                (pk.bfloat16().float(), pv.bfloat16().float())).double() - exact).abs().max()
+    sdpa = (F.scaled_dot_product_attention(q.bfloat16(), full_k.bfloat16(), full_v.bfloat16(), attn_mask=full_mask,
+                                           enable_gqa=rep > 1).double() - exact).abs().max()
+    assert ours <= sdpa * 1.5 + 1e-3
+
+
+def test_a_cache_prefix_serves_decode_steps_only():
+    """A block of queries (prefill) against a cache holding a shared prefix would need the prefix
+    in SDPA's keys; the engine never does it, and the model says so rather than ignore the prefix."""
+    from model.llama import Attention, KVCache
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    attn = Attention(cfg)
+    attn.cache = KVCache(1, 8, 1, cfg.head_dim, torch.float32, "cpu")
+    attn.cache.prefix = (torch.zeros(1, 1, 4, cfg.head_dim), torch.zeros(1, 1, 4, cfg.head_dim))
+    x, cos, sin = torch.zeros(1, 3, 16), torch.ones(1, 1, 3, cfg.head_dim), torch.zeros(1, 1, 3, cfg.head_dim)
+    with pytest.raises(ValueError, match="decode steps"):
+        attn(x, cos, sin, None, 0)
