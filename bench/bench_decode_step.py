@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""One decode step on a full KV cache: our step with its CPU attention, the same step with SDPA,
-and transformers' step, same model, same rows and cache length, in one process.
+"""One decode step on a full KV cache, as the engine runs it and as it ran before, and
+transformers' step: same model, same rows and cache length, in one process.
 
     python bench/bench_decode_step.py                                   # SmolLM2-135M, bf16, 8 rows x 900 keys
-    python bench/bench_decode_step.py --rows 16 --keys 400
-    python bench/bench_decode_step.py --model qwen2.5-coder-1.5b-instruct --keys 1800 --no-hf
+    python bench/bench_decode_step.py --prefix 690                      # ... of which 690 a shared prefix (rating)
+    python bench/bench_decode_step.py --rows 16 --keys 600 --no-hf      # backtranslation-like
+    python bench/bench_decode_step.py --model qwen2.5-coder-1.5b-instruct --keys 1800 --prefix 1620 --no-hf
 
 A decode step runs one new token per row against every cached key (``model.engine``'s step:
-per-row positions and an additive key mask). On a CPU, ``model.llama.one_query_attention`` does
-its attention as two float32 matmuls; "SDPA" swaps in ``F.scaled_dot_product_attention`` (what the
-step ran before) to show what that choice is worth. transformers' step: ``model(next_ids,
-past_key_values=cache)`` after a prefill of the same length. Reported: the mean of --steps steps
-after 2 warm-ups, in milliseconds.
+per-row positions and an additive key mask). The lines:
+
+* **engine**: the step as ``model.engine.stream`` runs it on a CPU: float32 cache slots holding
+  each row's own keys, the --prefix keys every row shares kept once (``KVCache.prefix``), the
+  attention as float32 matmuls (``model.llama.one_query_attention``);
+* **bf16 cache, prefix per row**: the same attention over a bf16 cache in which each row holds
+  a copy of the prefix (the engine before it kept the prefix once): converted to float32 each step;
+* **SDPA**: that bf16 cache through ``F.scaled_dot_product_attention`` (before the float32 attention);
+* **transformers**: ``model(next_ids, past_key_values=cache)`` after a prefill of the same length.
+
+Reported: milliseconds per step, the best of --rounds rounds of --steps steps, the variants
+alternating (``time_steps``).
 """
 from __future__ import annotations
 
@@ -23,13 +31,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def time_steps(step, n: int) -> float:
-    for _ in range(2):
-        step()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t) / n * 1000
+def time_steps(steps: dict, n: int, rounds: int) -> dict[str, float]:
+    """Milliseconds per step of each of ``steps`` (name -> callable): ``rounds`` rounds, each
+    timing every variant for ``n`` steps in turn, after 2 warm-up steps each; the best round's
+    mean per variant. This machine's speed drifts by tens of percent within a minute, so the
+    variants alternate and the least disturbed round is kept."""
+    for step in steps.values():
+        step(), step()
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(n):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - t) / n * 1000)
+    return best
 
 
 def main() -> None:
@@ -43,45 +59,61 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--keys", type=int, default=900, help="cached keys per row")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--keys", type=int, default=900, help="cached keys per row, the prefix included")
+    p.add_argument("--prefix", type=int, default=0, help="of them, keys every row shares (default 0)")
+    p.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds, the variants alternating (default 4)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' step")
     args = p.parse_args()
 
     model, _ = load_model(args.model, dtype="bf16", device="cpu")
-    B, S = args.rows, args.keys
-    caches = engine._caches(model, B, S + 1)
+    B, S, P = args.rows, args.keys, args.prefix
+    if not 0 <= P < S:
+        p.error(f"--prefix must be in 0..{S - 1} (fewer than --keys)")
     last, pos = torch.randint(1000, 5000, (B, 1)), torch.full((B,), S - 1)
-    mask = torch.ones(B, S, dtype=torch.long)
 
-    def ours():
-        with torch.inference_mode():
-            engine._run(model, caches, last, mask, pos[:, None], pos)
+    def step(caches, own: int):  # own: cached keys per row in the slots (the rest in the prefix)
+        mask, slot = torch.ones(B, own, dtype=torch.long), pos - (S - own)
 
-    results = {"one_query_attention": time_steps(ours, args.steps)}
-    real = llama.one_query_attention
-    llama.one_query_attention = lambda q, k, v, m: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])
-    try:
-        results["SDPA"] = time_steps(ours, args.steps)
-    finally:
-        llama.one_query_attention = real
+        def run():
+            with torch.inference_mode():
+                engine._run(model, caches, last, mask, pos[:, None], slot)
+        return run
+
+    kept = engine._caches(model, B, S - P + 1, torch.float32)
+    a = model.model.layers[0].self_attn
+    for c in kept if P else ():
+        c.prefix = (torch.randn(1, a.n_kv_heads, P, a.head_dim), torch.randn(1, a.n_kv_heads, P, a.head_dim))
+    per_row = engine._caches(model, B, S + 1)
+
+    def sdpa_step():
+        real = llama.one_query_attention
+        llama.one_query_attention = lambda q, k, v, m, prefix=None: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])
+        try:
+            step(per_row, S)()
+        finally:
+            llama.one_query_attention = real
+
+    steps = {"engine": step(kept, S - P), "bf16 cache, prefix per row": step(per_row, S), "SDPA": sdpa_step}
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         folder = packaged_model_dir(args.model) if not Path(args.model).exists() else args.model
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
         with torch.inference_mode():
             cache = hf(torch.randint(1000, 5000, (B, S - 1)), use_cache=True).past_key_values
-            full = torch.ones(B, S, dtype=torch.long)
+        full = torch.ones(B, S, dtype=torch.long)
 
-            def theirs():
+        def theirs():
+            with torch.inference_mode():
                 hf(last, attention_mask=full, past_key_values=cache, use_cache=True)
                 cache.crop(-1)  # drop the new token: the same cache length at every step
-            results["transformers"] = time_steps(theirs, args.steps)
-    print(f"{args.model}, bf16, {B} rows x {S} cached keys, torch {torch.__version__}, "
+        steps["transformers"] = theirs
+    results = time_steps(steps, args.steps, args.rounds)
+    print(f"{args.model}, bf16, {B} rows x {S} cached keys ({P} shared), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads: one decode step, ms")
     for name, ms in results.items():
-        print(f"  {name:<20} {ms:8.1f}")
+        print(f"  {name:<28} {ms:8.1f}")
 
 
 if __name__ == "__main__":

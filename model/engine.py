@@ -24,9 +24,10 @@ prompt is prefilled from the end of the prefix, right-padded only within one pre
 each decode step writes each row's new key/value at that row's own length
 (``KVCache.update`` with a tensor of slots), and the attention mask lets each row see only its
 own slots (and the prefix). On a CPU the slots are float32, the dtype the decode step's
-attention computes in (``model.llama.one_query_attention``), so no step converts the cache. A sampled row draws from its own random generator, seeded from the run's seed and
-the row's prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts
-share its batch, the batch size, their order, the number of processes, or a resume.
+attention computes in (``model.llama.one_query_attention``), so no step converts the cache. A
+sampled row draws from its own random generator, seeded from the run's seed and the row's
+prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts share its
+batch, the batch size, their order, the number of processes, or a resume.
 
 Stop strings are checked incrementally: each step decodes only the last few tokens of a row
 (enough to hold the longest stop string), not the row's whole output.
@@ -184,8 +185,9 @@ def last_logits(model: Llama, hidden: torch.Tensor, lengths: Sequence[int]) -> t
 
 @dataclass
 class _Slot:
-    """What one cache row is doing: which prompt (its index), its length in the cache, the tokens
-    generated so far, and its random generator when sampling."""
+    """What one cache row is doing: which prompt (its index), its length in the cache (its own
+    tokens, after the shared prefix), the tokens generated so far, and its random generator when
+    sampling."""
     index: int
     length: int
     new: list[int]
@@ -243,14 +245,14 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
         hidden, filled = prefill_hidden(model, [rows[i][P:] for i in prompts], prefix, pad_id)
         logits[free] = last_logits(model, hidden, own)
         for big, small in zip(caches, filled):
-            for j, (slot, n) in enumerate(zip(free, own)):
-                big.k[slot, :, :n] = small.k[j, :, P:P + n]
-                big.v[slot, :, :n] = small.v[j, :, P:P + n]
-        for slot, i, n in zip(free, prompts, own):
+            for j, (slot, size) in enumerate(zip(free, own)):
+                big.k[slot, :, :size] = small.k[j, :, P:P + size]
+                big.v[slot, :, :size] = small.v[j, :, P:P + size]
+        for slot, i, size in zip(free, prompts, own):
             gen = None
             if temperature > 0:
                 gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
-            slots[slot] = _Slot(i, n, [], gen)
+            slots[slot] = _Slot(i, size, [], gen)
 
     while True:
         free = [k for k, s in enumerate(slots) if s is None][:len(waiting)]

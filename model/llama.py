@@ -145,8 +145,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     q (B, H, 1, D); k, v (B, H_kv, S, D); mask None or (B, 1, 1, S), boolean (True = may see) or
     additive (0 / -inf). Each kv head serves its G = H / H_kv query heads as a (G, D) block, so
     grouped-query attention needs no copy of the keys. Why not SDPA: on a CPU its bf16 kernel
-    takes most of a decode step for one query per row (``python bench/bench_decode_step.py``: a
-    Qwen2-1.5B step at 8 rows x 1,800 cached keys, 939 ms with SDPA, 539 ms with this), and
+    takes most of a decode step for one query per row (docs/benchmarks.md: a Qwen2-1.5B step at
+    8 rows x 1,800 cached keys took 939 ms with SDPA, 539 ms with this), and
     float32 keeps SDPA's accuracy, which also accumulates scores in float32. For a block of
     queries (prefill) SDPA is the faster one, and on a GPU a step without a prefix stays with it.
 
