@@ -6,17 +6,21 @@ transformers' step: same model, same rows and cache length, in one process.
     python bench/bench_decode_step.py --prefix 690                      # ... of which 690 a shared prefix (rating)
     python bench/bench_decode_step.py --rows 16 --keys 600 --no-hf      # backtranslation-like
     python bench/bench_decode_step.py --model qwen2.5-coder-1.5b-instruct --keys 1800 --prefix 1620 --no-hf
+    python bench/bench_decode_step.py --prefix 690 --fed 3 --no-hf      # + a step that feeds 3 tokens a row
 
 A decode step runs one new token per row against every cached key (``model.engine``'s step:
 per-row positions and an additive key mask). The lines:
 
 * **engine**: the step as ``model.engine.stream`` runs it on a CPU: float32 cache slots holding
   each row's own keys, the --prefix keys every row shares kept once (``KVCache.prefix``), the
-  attention as float32 matmuls (``model.llama.one_query_attention``);
+  attention as float32 matmuls (``model.llama.decode_attention``);
 * **bf16 cache, prefix per row**: the same attention over a bf16 cache in which each row holds
   a copy of the prefix (the engine before it kept the prefix once): converted to float32 each step;
 * **SDPA**: that bf16 cache through ``F.scaled_dot_product_attention`` (before the float32 attention);
-* **transformers**: ``model(next_ids, past_key_values=cache)`` after a prefill of the same length.
+* **transformers**: ``model(next_ids, past_key_values=cache)`` after a prefill of the same length;
+* with ``--fed N``, **engine, N tokens per row**: the engine's step feeding each row its last token
+  and N - 1 prompt-lookup drafts (``generate(..., draft_tokens=N - 1)``): what a drafted step costs
+  against the plain one.
 
 Reported: milliseconds per step, the best of --rounds rounds of --steps steps, the variants
 alternating (``time_steps``).
@@ -64,38 +68,43 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
     p.add_argument("--rounds", type=int, default=4, help="rounds, the variants alternating (default 4)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' step")
+    p.add_argument("--fed", type=int, default=1,
+                   help="also time the engine's step feeding this many tokens per row (a token + drafts; default 1: not)")
     args = p.parse_args()
 
     model, _ = load_model(args.model, dtype="bf16", device="cpu")
     B, S, P = args.rows, args.keys, args.prefix
     if not 0 <= P < S:
         p.error(f"--prefix must be in 0..{S - 1} (fewer than --keys)")
-    last, pos = torch.randint(1000, 5000, (B, 1)), torch.full((B,), S - 1)
+    last, pos = torch.randint(1000, 5000, (B, args.fed)), torch.full((B,), S - 1)
 
-    def step(caches, own: int):  # own: cached keys per row in the slots (the rest in the prefix)
-        mask, slot = torch.ones(B, own, dtype=torch.long), pos - (S - own)
+    def step(caches, own: int, fed: int = 1):  # own: cached keys per row in the slots (the rest in the prefix)
+        mask, slot = torch.ones(B, own - 1 + fed, dtype=torch.long), pos - (S - own)
+        positions = pos[:, None] + torch.arange(fed)
 
         def run():
             with torch.inference_mode():
-                engine._run(model, caches, last, mask, pos[:, None], slot)
+                engine._run(model, caches, last[:, :fed], mask, positions, slot)
         return run
 
-    kept = engine._caches(model, B, S - P + 1, torch.float32)
+    kept = engine._caches(model, B, S - P + args.fed, torch.float32)
     a = model.model.layers[0].self_attn
     for c in kept if P else ():
         c.prefix = (torch.randn(1, a.n_kv_heads, P, a.head_dim), torch.randn(1, a.n_kv_heads, P, a.head_dim))
     per_row = engine._caches(model, B, S + 1)
 
     def sdpa_step():
-        real = llama.one_query_attention
-        llama.one_query_attention = lambda q, k, v, m, prefix=None: F.scaled_dot_product_attention(
+        real = llama.decode_attention
+        llama.decode_attention = lambda q, k, v, m, prefix=None: F.scaled_dot_product_attention(
             q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1])
         try:
             step(per_row, S)()
         finally:
-            llama.one_query_attention = real
+            llama.decode_attention = real
 
     steps = {"engine": step(kept, S - P), "bf16 cache, prefix per row": step(per_row, S), "SDPA": sdpa_step}
+    if args.fed > 1:
+        steps[f"engine, {args.fed} tokens per row"] = step(kept, S - P, args.fed)
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         folder = packaged_model_dir(args.model) if not Path(args.model).exists() else args.model

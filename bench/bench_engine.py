@@ -4,6 +4,7 @@
     python bench/bench_engine.py                        # both workloads, SmolLM2-135M, bf16
     python bench/bench_engine.py --workload rating      # one of them
     python bench/bench_engine.py --n-rating 16 --n-lima 30   # smaller, for a quick look
+    python bench/bench_engine.py --drafts 2             # ours also with 2 prompt-lookup drafts a step
 
 (a) **rating**: the paper's Table 1 prompt with k=2 few-shot examples over --n-rating real pairs
     (the demo's seed pairs, short, as the demo's curate stage rates; and guanaco's eval answers,
@@ -17,6 +18,9 @@ batch size, in one process, one after the other. transformers runs the best stat
 user would write: prompts sorted by length, left-padded, ``generate`` per batch. Ours is the
 public ``model.generate`` (eager, no compile). Reported: wall time, prompt and new tokens, the
 ratio, and how many outputs are identical (bf16: a near-tie can part two greedy rows).
+``--drafts K`` also runs ours with K prompt-lookup drafts per row and step (``generate(...,
+draft_tokens=K)``, model/engine.py): its time, its speedup over transformers, and how many of its
+outputs equal ours without drafts (exact in fp32; in bf16 a step of 1 + K tokens rounds otherwise).
 """
 from __future__ import annotations
 
@@ -29,29 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-RATING_PAIRS = {  # which pairs (a) rates: the demo's (short), or guanaco's eval answers (long)
-    "demo": str(Path(__file__).resolve().parents[1] / "data/demo/seed.jsonl"),
-    "guanaco": f"guanaco:{SHARED / 'data/guanaco/openassistant_best_replies_eval.jsonl'}",
-}
-
-
-def rating_workload(n: int, which: str) -> tuple[list[str], int, int, tuple[str, ...]]:
-    from data.readers import load_source
-    from data.templates import rating_prompt
-    from humback.rating import RATER_STOPS
-    pairs, _ = load_source(RATING_PAIRS[which])
-    return [rating_prompt(p.instruction, p.output, 2) for p in pairs[:n]], 48, 8, RATER_STOPS
-
-
-def backtranslation_workload(n: int) -> tuple[list[str], int, int, tuple[str, ...]]:
-    from data.readers import load_source
-    from data.templates import backward_prompt
-    from humback.backtranslate import AUGMENT_STOPS, texts_to_backtranslate
-    pairs, _ = load_source(f"lima:{SHARED / 'data/lima/train.jsonl'}")
-    return [backward_prompt(p.output) for p in texts_to_backtranslate(pairs)[:n]], 128, 16, AUGMENT_STOPS
+from bench.workloads import RATING_PAIRS, backtranslation_workload, rating_workload  # noqa: E402
 
 
 def cut(text: str, stops) -> str:
@@ -59,10 +41,11 @@ def cut(text: str, stops) -> str:
     return text[:min(hits)] if hits else text
 
 
-def run_ours(model, tok, prompts, max_new, batch, stops) -> tuple[float, list[str]]:
+def run_ours(model, tok, prompts, max_new, batch, stops, drafts: int = 0) -> tuple[float, list[str]]:
     from model import generate
     t0 = time.perf_counter()
-    out = generate(model, tok, prompts, max_new_tokens=max_new, stop=list(stops), batch_size=batch)
+    out = generate(model, tok, prompts, max_new_tokens=max_new, stop=list(stops), batch_size=batch,
+                   draft_tokens=drafts)
     return time.perf_counter() - t0, out
 
 
@@ -95,6 +78,8 @@ def main() -> None:
                          "curate stage) and/or guanaco (its eval answers, long) (default: both)")
     ap.add_argument("--n-rating", type=int, default=40, help="pairs to rate (default 40)")
     ap.add_argument("--n-lima", type=int, default=150, help="LIMA completions to backtranslate (default 150)")
+    ap.add_argument("--drafts", type=int, default=0,
+                    help="also run ours with this many prompt-lookup drafts per row and step (default 0: not)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -113,14 +98,18 @@ def main() -> None:
     results = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
                "model": args.model, "dtype": "bf16", "rows": []}
     print(f"{args.model}, bf16, {results['machine']}")
-    print("| workload | prompts | prompt tokens | max new | batch | ours s | transformers s | speedup | new tokens ours / HF | identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    extra = f" ours, {args.drafts} drafts s | speedup | same as ours |" if args.drafts else ""
+    print("| workload | prompts | prompt tokens | max new | batch | ours s | transformers s | speedup | new tokens ours / HF "
+          "| identical |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|" * bool(args.drafts))
     for name in chosen:
         prompts, max_new, batch, stops = workloads[name]()
         run_ours(ours, tok, prompts[:2], 4, 2, stops)  # warm-up, both sides
         run_hf(hf, hf_tok, tok, prompts[:2], 4, 2, stops)
         t_ours, out_ours = run_ours(ours, tok, prompts, max_new, batch, stops)
         t_hf, out_hf = run_hf(hf, hf_tok, tok, prompts, max_new, batch, stops)
+        if args.drafts:
+            t_d, out_d = run_ours(ours, tok, prompts, max_new, batch, stops, args.drafts)
         n_prompt = sum(len(tok.encode(p, bos=tok.add_bos)) for p in prompts)
         new_ours = sum(len(tok.encode(t)) for t in out_ours)
         new_hf = sum(len(tok.encode(t)) for t in out_hf)
@@ -128,9 +117,15 @@ def main() -> None:
         row = dict(workload=name, prompts=len(prompts), prompt_tokens=n_prompt, max_new_tokens=max_new, batch=batch,
                    ours_s=round(t_ours, 1), hf_s=round(t_hf, 1), speedup=round(t_hf / t_ours, 2),
                    new_tokens_ours=new_ours, new_tokens_hf=new_hf, identical=f"{same}/{len(prompts)}")
+        cells = ""
+        if args.drafts:
+            same_d = sum(a == b for a, b in zip(out_d, out_ours))
+            row.update(drafts=args.drafts, drafts_s=round(t_d, 1), drafts_speedup=round(t_hf / t_d, 2),
+                       drafts_same_as_ours=f"{same_d}/{len(prompts)}")
+            cells = f" {t_d:.1f} | **{t_hf / t_d:.2f}x** | {same_d}/{len(prompts)} |"
         results["rows"].append(row)
         print(f"| {name} | {len(prompts)} | {n_prompt} | {max_new} | {batch} | {t_ours:.1f} | {t_hf:.1f} | "
-              f"**{t_hf / t_ours:.2f}x** | {new_ours} / {new_hf} | {same}/{len(prompts)} |", flush=True)
+              f"**{t_hf / t_ours:.2f}x** | {new_ours} / {new_hf} | {same}/{len(prompts)} |" + cells, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -24,13 +24,25 @@ prompt is prefilled from the end of the prefix, right-padded only within one pre
 each decode step writes each row's new key/value at that row's own length
 (``KVCache.update`` with a tensor of slots), and the attention mask lets each row see only its
 own slots (and the prefix). On a CPU the slots are float32, the dtype the decode step's
-attention computes in (``model.llama.one_query_attention``), so no step converts the cache. A
+attention computes in (``model.llama.decode_attention``), so no step converts the cache. A
 sampled row draws from its own random generator, seeded from the run's seed and the row's
 prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts share its
 batch, the batch size, their order, the number of processes, or a resume.
 
 Stop strings are checked incrementally: each step decodes only the last few tokens of a row
 (enough to hold the longest stop string), not the row's whole output.
+
+**Prompt-lookup drafts** (greedy rows, opt-in: ``draft_tokens``). A rater quotes the pair it
+rates and a backward model the answer's words, so a row's next tokens are often a copy of what
+followed the same last few tokens earlier in its prompt or output (:class:`_Lookup`; transformers'
+``prompt_lookup_num_tokens`` and vLLM's n-gram speculator guess them the same way). A step then
+feeds a row's last token and up to ``draft_tokens`` such guesses; the model's greedy choice after
+each fed token checks the next guess, and the row keeps the guesses up to the first wrong one,
+then takes the model's own token there. Every kept token is the one the model chooses, so the
+output is the one without drafts (in fp32: the tests); only the number of steps falls. It pays
+where a step costs about the same for a few tokens per row as for one (the weights read once, as
+on a GPU); on a 2-core CPU a step of 8 rows x 3 tokens costs about 1.4x one of 8 x 1, which eats
+most of the gain (docs/benchmarks.md, "Prompt-lookup drafts"), so it is off by default.
 
 Entry points: :func:`stream` (results as rows finish), and :func:`prefill_hidden` with
 :func:`last_logits` (one batch of prompts after a shared prefix, for the log-probability
@@ -50,6 +62,9 @@ from .llama import KVCache, Llama
 
 # A prefix shorter than this is not worth a separate forward pass and the copies.
 MIN_PREFIX = 16
+
+# The longest n-gram a prompt-lookup draft is looked up by (then shorter ones).
+DRAFT_NGRAM = 3
 
 # Prompts are prefilled together while their padded block stays within this many tokens. On a
 # CPU a long prompt's prefill is already compute-bound, and a bigger block only costs more
@@ -183,15 +198,42 @@ def last_logits(model: Llama, hidden: torch.Tensor, lengths: Sequence[int]) -> t
     return model.lm_head(hidden[rows, last].contiguous())
 
 
+class _Lookup:
+    """Prompt-lookup drafts for one row: what followed the row's last n tokens (n = ``DRAFT_NGRAM``
+    down to 1) where they last occurred before, in its prompt or its output so far.
+
+    ``seen`` maps every n-gram of the row to where its most recent earlier occurrence ends; it is
+    filled as tokens arrive (each position once), so a lookup is a dict access, not a scan."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+        self.seen: dict[tuple[int, ...], int] = {}
+        self.indexed = 1  # n-grams ending before this position are in ``seen``
+
+    def draft(self, k: int) -> list[int]:
+        """Up to ``k`` guessed next tokens (none when the last token never occurred before)."""
+        ids, end = self.ids, len(self.ids)
+        for e in range(self.indexed, end):  # n-grams ending at e; the one ending at `end` is the tail itself
+            for n in range(1, min(DRAFT_NGRAM, e) + 1):
+                self.seen[tuple(ids[e - n:e])] = e
+        self.indexed = max(self.indexed, end)
+        for n in range(min(DRAFT_NGRAM, end), 0, -1):
+            e = self.seen.get(tuple(ids[end - n:]))
+            if e is not None:
+                return ids[e:e + k]
+        return []
+
+
 @dataclass
 class _Slot:
     """What one cache row is doing: which prompt (its index), its length in the cache (its own
-    tokens, after the shared prefix), the tokens generated so far, and its random generator when
-    sampling."""
+    tokens, after the shared prefix), the tokens generated so far, its random generator when
+    sampling, and its drafts' lookup table when greedy."""
     index: int
     length: int
     new: list[int]
     generator: torch.Generator | None
+    lookup: _Lookup | None = None
 
 
 def _sample(logits: torch.Tensor, slots: list[_Slot], temperature: float, top_p: float) -> list[int]:
@@ -206,7 +248,7 @@ def _sample(logits: torch.Tensor, slots: list[_Slot], temperature: float, top_p:
 def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
            stop_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
            n_slots: int = 16, should_stop: Callable[[list[int]], bool] | None = None,
-           share_prefix: bool = True) -> Iterator[tuple[int, list[int]]]:
+           share_prefix: bool = True, draft_tokens: int = 0) -> Iterator[tuple[int, list[int]]]:
     """Generate for every prompt (token ids) and yield ``(index, new_ids)`` as each row finishes.
 
     A row ends before a stop id (not included), after ``max_new_tokens``, or after the step at
@@ -214,6 +256,8 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
     string check). ``n_slots`` rows decode together; a finished row's slot takes the next prompt.
     The longest prefix every prompt shares is computed once (``share_prefix``, see
     :func:`shared_prefix_len`). Sampled rows (``temperature > 0``) are seeded by :func:`row_seed`.
+    Greedy rows feed up to ``draft_tokens`` prompt-lookup guesses a step (0, the default: none),
+    which change the number of steps, not the output.
     """
     if not rows:
         return
@@ -224,9 +268,10 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
     prefix = prefix_for(model, rows[0][:P])
     stops = set(stop_ids)
     n = min(n_slots, len(rows))
+    draft_tokens = draft_tokens if temperature <= 0 else 0  # sampled rows: no drafts (greedy checks them)
     # The slots hold each row's own tokens; the prefix is kept once, beside them (KVCache.prefix).
     # On a CPU they are float32, what a decode step's attention computes in: no copy per step.
-    caches = _caches(model, n, max(len(r) for r in rows) - P + max_new_tokens,
+    caches = _caches(model, n, max(len(r) for r in rows) - P + max_new_tokens + draft_tokens,
                      torch.float32 if device.type == "cpu" else None)
     for c, kv in zip(caches, prefix.kv if prefix else ()):
         c.prefix = (kv[0].float(), kv[1].float())
@@ -252,7 +297,7 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
             gen = None
             if temperature > 0:
                 gen = torch.Generator(device=device).manual_seed(row_seed(seed, rows[i]))
-            slots[slot] = _Slot(i, size, [], gen)
+            slots[slot] = _Slot(i, size, [], gen, _Lookup(rows[i]) if draft_tokens else None)
 
     while True:
         free = [k for k, s in enumerate(slots) if s is None][:len(waiting)]
@@ -267,33 +312,69 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
             return
         tokens = _sample(logits[active], [slots[k] for k in active], temperature, top_p)
         for k, tok in zip(active, tokens):
-            s = slots[k]
-            finished = tok in stops
-            if not finished:
-                s.new.append(tok)
-                finished = len(s.new) >= max_new_tokens or (should_stop is not None and should_stop(s.new))
-            if finished:
-                yield s.index, s.new
+            if _append(slots[k], tok, stops, max_new_tokens, should_stop):
+                yield slots[k].index, slots[k].new
                 slots[k] = None
         running = [k for k, s in enumerate(slots) if s is not None]
-        if not running and not waiting:
-            return
+        if not running:  # every row ended at this token: refill the slots, or stop
+            if not waiting:
+                return
+            continue
         if not waiting and len(running) <= len(slots) // 2:  # the tail: keep only the rows still running
             keep = torch.tensor(running, device=device)
             for c in caches:
                 c.k, c.v = c.k[keep], c.v[keep]
             slots, logits = [slots[k] for k in running], logits[keep]
             running = list(range(len(slots)))
-        # One decode step for every row; only the running rows' results are kept. A free slot
-        # computes a throwaway token at slot 0 until it is refilled (which rewrites its cache).
-        B = len(slots)
-        last = torch.full((B, 1), pad_id, dtype=torch.long)
+        # One decode step for every row: its last token, then its drafts (greedy rows); only the
+        # running rows' results are kept. A free slot computes throwaway tokens at slot 0 until it
+        # is refilled (which rewrites its cache).
+        drafts = {k: _draft(slots[k], draft_tokens, max_new_tokens) for k in running}
+        B, T = len(slots), 1 + max(map(len, drafts.values()))
+        fed = torch.full((B, T), pad_id, dtype=torch.long)
         pos = torch.zeros(B, dtype=torch.long)
         for k in running:
-            last[k, 0], pos[k] = slots[k].new[-1], slots[k].length
-        S = int(pos.max()) + 1
-        key_mask = (torch.arange(S)[None, :] <= pos[:, None]).long()
-        last, pos, key_mask = last.to(device), pos.to(device), key_mask.to(device)
-        logits = _run(model, caches, last, key_mask, P + pos[:, None], pos)[:, -1]  # positions count the prefix
+            fed[k, :1 + len(drafts[k])] = torch.tensor([slots[k].new[-1]] + drafts[k])
+            pos[k] = slots[k].length
+        S = int(pos.max()) + T
+        key_mask = (torch.arange(S)[None, :] < pos[:, None] + T).long()  # each row's slots so far and the T new
+        fed, pos, key_mask = fed.to(device), pos.to(device), key_mask.to(device)
+        positions = P + pos[:, None] + torch.arange(T, device=device)  # positions count the prefix
+        out = _run(model, caches, fed, key_mask, positions, pos)  # (B, T, vocab)
+        if T == 1:
+            logits = out[:, 0]
+            for k in running:
+                slots[k].length += 1
+            continue
+        # Check the drafts: row k keeps draft j while the model's choice after the token before it
+        # (out[k, j].argmax()) is that draft; its next token then comes from out[k, kept].
+        choice, kept_at = out.argmax(-1).tolist(), [0] * B
         for k in running:
-            slots[k].length += 1
+            s, kept, finished = slots[k], 0, False
+            while not finished and kept < len(drafts[k]) and choice[k][kept] == drafts[k][kept]:
+                kept += 1
+                finished = _append(s, drafts[k][kept - 1], stops, max_new_tokens, should_stop)
+            if finished:
+                yield s.index, s.new
+                slots[k] = None
+            s.length += 1 + kept  # the fed token and the kept drafts are now in the cache
+            kept_at[k] = kept
+        logits = out[torch.arange(B, device=device), torch.tensor(kept_at, device=device)]
+
+
+def _append(slot: _Slot, token: int, stops: set[int], max_new_tokens: int,
+            should_stop: Callable[[list[int]], bool] | None) -> bool:
+    """Give a row its next token; whether the row has ended: a stop id (not kept), its token
+    limit, or ``should_stop`` (a stop string)."""
+    if token in stops:
+        return True
+    slot.new.append(token)
+    if slot.lookup is not None:
+        slot.lookup.ids.append(token)
+    return len(slot.new) >= max_new_tokens or (should_stop is not None and should_stop(slot.new))
+
+
+def _draft(slot: _Slot, draft_tokens: int, max_new_tokens: int) -> list[int]:
+    """The row's guesses for this step: none for sampled rows, and never past its token limit."""
+    room = min(draft_tokens, max_new_tokens - len(slot.new) - 1)
+    return slot.lookup.draft(room) if slot.lookup is not None and room > 0 else []

@@ -76,7 +76,7 @@ class KVCache(nn.Module):
     ``prefix``, when set, is the keys and values (1, H_kv, P, D) of tokens every row has before
     its own slots, kept once instead of once per row: the inference engine puts the prefix all
     its prompts share there (model/engine.py), and a decode step attends to it and then to the
-    row's own slots (:func:`one_query_attention`)."""
+    row's own slots (:func:`decode_attention`)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -90,13 +90,16 @@ class KVCache(nn.Module):
                end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, H, T, D) at slots [start, start+T); return every slot written so far.
 
-        ``start`` may also be a tensor (B,) of slots, one per row, for one new token per row
-        (T == 1): the engine's rows have different lengths (model/engine.py). Then the first
-        ``end`` slots are returned, and the attention mask says which of them each row sees."""
+        ``start`` may also be a tensor (B,) of slots, one per row: the engine's rows have
+        different lengths (model/engine.py), and row b's T new tokens go to its slots
+        [start[b], start[b]+T). Then the first ``end`` slots are returned, and the attention
+        mask says which of them each row's queries see."""
         if isinstance(start, torch.Tensor):
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, start] = k[:, :, 0].to(self.k.dtype)  # the engine's CPU cache is float32
-            self.v[rows, :, start] = v[:, :, 0].to(self.v.dtype)
+            B, _, T, _ = k.shape
+            rows = torch.arange(B, device=k.device)[:, None]
+            at = start[:, None] + torch.arange(T, device=k.device)  # (B, T): each new token's slot
+            self.k[rows, :, at] = k.transpose(1, 2).to(self.k.dtype)  # the engine's CPU cache is float32
+            self.v[rows, :, at] = v.transpose(1, 2).to(self.v.dtype)
             return self.k[:, :, :end], self.v[:, :, :end]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
@@ -124,10 +127,11 @@ class Attention(nn.Module):
         if start_pos is not None:
             k, v = self.cache.update(start_pos, k, v, None if mask is None else mask.shape[-1])
         prefix = None if self.cache is None else self.cache.prefix
-        if T == 1 and (x.device.type == "cpu" or prefix is not None):  # a decode step: see one_query_attention
-            return self.o_proj(one_query_attention(q, k, v, mask, prefix).transpose(1, 2).reshape(B, 1, -1))
-        if prefix is not None:
-            raise ValueError("a cache's shared prefix serves decode steps (one query per row) only")
+        per_row = isinstance(start_pos, torch.Tensor)  # the engine's decode step: a row's token (+ drafts)
+        if prefix is not None and T > 1 and not per_row:
+            raise ValueError("a cache's shared prefix serves decode steps (a token per row, and its drafts) only")
+        if prefix is not None or (x.device.type == "cpu" and (T == 1 or per_row)):  # see decode_attention
+            return self.o_proj(decode_attention(q, k, v, mask, prefix).transpose(1, 2).reshape(B, T, -1))
         # Without a mask, a causal mask is only needed when queries see their own block of keys.
         causal = mask is None and T > 1 and k.shape[2] == T
         # Grouped-query attention: each kv head serves n_heads / n_kv_heads consecutive q heads.
@@ -138,38 +142,42 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                        prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Attention for one query per row (a decode step), as float32 matmuls.
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention for a decode step's few queries per row, as float32 matmuls.
 
-    q (B, H, 1, D); k, v (B, H_kv, S, D); mask None or (B, 1, 1, S), boolean (True = may see) or
-    additive (0 / -inf). Each kv head serves its G = H / H_kv query heads as a (G, D) block, so
-    grouped-query attention needs no copy of the keys. Why not SDPA: on a CPU its bf16 kernel
-    takes most of a decode step for one query per row (docs/benchmarks.md: a Qwen2-1.5B step at
-    8 rows x 1,800 cached keys took 939 ms with SDPA, 539 ms with this), and
-    float32 keeps SDPA's accuracy, which also accumulates scores in float32. For a block of
-    queries (prefill) SDPA is the faster one, and on a GPU a step without a prefix stays with it.
+    q (B, H, T, D): one query per row (T == 1), or a row's last token and the draft tokens after
+    it (the engine's prompt-lookup drafts); k, v (B, H_kv, S, D); mask None (T == 1 only) or
+    (B, 1, T, S), boolean (True = may see) or additive (0 / -inf), causal within the T queries.
+    Each kv head serves its G = H / H_kv query heads as one (G*T, D) block, so grouped-query
+    attention needs no copy of the keys. Why not SDPA: on a CPU its bf16 kernel takes most of a
+    decode step for one query per row (docs/benchmarks.md: a Qwen2-1.5B step at 8 rows x 1,800
+    cached keys took 939 ms with SDPA, 539 ms with this), and float32 keeps SDPA's accuracy,
+    which also accumulates scores in float32. For a block of queries (prefill) SDPA is the faster
+    one, and on a GPU a step without a prefix stays with it.
 
     ``prefix`` (keys, values of shape (1, H_kv, P, D)) is what every row sees before its own S
-    keys (:class:`KVCache`). All rows' queries meet its one copy in one (B*G, D) x (D, P) matmul
-    per kv head, instead of each row reading a copy of its own, and one softmax runs over the P
-    prefix scores and the row's S: the same attention as over the row's P + S keys."""
-    B, H, _, D = q.shape
+    keys (:class:`KVCache`), all of it, whatever the query. All rows' queries meet its one copy
+    in one (B*G*T, D) x (D, P) matmul per kv head, instead of each row reading a copy of its
+    own, and one softmax runs over the P prefix scores and the row's S: the same attention as
+    over the row's P + S keys."""
+    B, H, T, D = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
     G, dtype = H // kv_heads, q.dtype
-    q = q.reshape(B, kv_heads, G, D).float() * D ** -0.5
-    scores = q @ k.float().transpose(-1, -2)  # (B, H_kv, G, S)
+    q = q.reshape(B, kv_heads, G * T, D).float() * D ** -0.5  # head h = kv head h // G, group h % G
+    scores = (q @ k.float().transpose(-1, -2)).view(B, kv_heads, G, T, S)
     if mask is not None:
-        mask = mask.reshape(B, 1, 1, S)
+        mask = mask.reshape(B, 1, 1, T, S)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     if prefix is None:
-        return (scores.softmax(-1) @ v.float()).reshape(B, H, 1, D).to(dtype)
+        return (scores.softmax(-1).view(B, kv_heads, G * T, S) @ v.float()).reshape(B, H, T, D).to(dtype)
     pk, pv = prefix[0][0].float(), prefix[1][0].float()  # (H_kv, P, D)
-    P = pk.shape[1]
-    shared = (q.transpose(0, 1).reshape(kv_heads, B * G, D) @ pk.transpose(-1, -2)).view(kv_heads, B, G, P)
-    probs = torch.cat([shared.transpose(0, 1), scores], -1).softmax(-1)  # (B, H_kv, G, P + S)
-    y = (probs[..., :P].transpose(0, 1).reshape(kv_heads, B * G, P) @ pv).view(kv_heads, B, G, D).transpose(0, 1)
-    return (y + probs[..., P:] @ v.float()).reshape(B, H, 1, D).to(dtype)
+    P, rows = pk.shape[1], B * G * T
+    shared = (q.transpose(0, 1).reshape(kv_heads, rows, D) @ pk.transpose(-1, -2)).view(kv_heads, B, G, T, P)
+    probs = torch.cat([shared.transpose(0, 1), scores], -1).softmax(-1)  # (B, H_kv, G, T, P + S)
+    y = (probs[..., :P].transpose(0, 1).reshape(kv_heads, rows, P) @ pv).view(kv_heads, B, G * T, D).transpose(0, 1)
+    own = probs[..., P:].reshape(B, kv_heads, G * T, S) @ v.float()
+    return (y + own).reshape(B, H, T, D).to(dtype)
 
 
 class MLP(nn.Module):
@@ -225,8 +233,9 @@ class Llama(nn.Module):
     * prefill: ``model(ids, attention_mask, position_ids, start_pos=0)`` after ``setup_cache``;
     * decode: ``model(next_ids[:, None], attention_mask, position_ids, start_pos=t)``.
     ``attention_mask`` (B, S) marks real tokens (1) vs padding (0) over every slot seen so far.
-    For decode, ``start_pos`` may be a tensor (B,): each row's own slot for its one new token, as
-    the inference engine's rows have different lengths (model/engine.py).
+    For decode, ``start_pos`` may be a tensor (B,): each row's own first slot for its new tokens
+    (one, or a few: a token and the drafts after it), as the inference engine's rows have
+    different lengths (model/engine.py).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -282,8 +291,8 @@ class Llama(nn.Module):
         only the labelled positions through the head, a chunk at a time."""
         B, T = input_ids.shape
         per_row = isinstance(start_pos, torch.Tensor)  # the engine's decode step: rows of different lengths
-        if per_row and (T != 1 or attention_mask is None or position_ids is None):
-            raise ValueError("per-row start_pos: one token per row, with attention_mask and position_ids")
+        if per_row and (attention_mask is None or position_ids is None):
+            raise ValueError("per-row start_pos: give attention_mask and position_ids")
         start = 0 if per_row else (start_pos or 0)
         if position_ids is None:
             if attention_mask is not None and start_pos is None:
@@ -294,10 +303,12 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = None
-        if per_row:  # one query per row; the row's key mask says which of the slots are its own
-            # additive (0 / -inf) in the compute dtype, made once here rather than by SDPA in every layer
-            mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
-            mask = mask.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
+        if per_row:  # row b's T queries sit at slots start_pos[b] + t; the key mask marks its own slots
+            slots = torch.arange(attention_mask.shape[1], device=x.device)
+            sees = (attention_mask != 0)[:, None, :] & (slots <= start_pos[:, None, None] + torch.arange(
+                T, device=x.device)[None, :, None])  # (B, T, S): its own slots, causal within the T
+            # additive (0 / -inf) in the compute dtype, made once here rather than in every layer
+            mask = torch.zeros(sees.shape, dtype=x.dtype, device=x.device).masked_fill(~sees, float("-inf"))[:, None]
         elif attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask, start, T)
         elif T > 1 and start > 0:  # a block of queries after cached keys: causal with an offset

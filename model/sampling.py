@@ -148,7 +148,7 @@ def _finish(tokenizer: Tokenizer, ids: list[int], stop: Sequence[str] | None) ->
 def generate_stream(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
                     seed: int = 0, batch_size: int = 16, progress: bool = False,
-                    compile: bool = False) -> Iterator[tuple[int, str]]:
+                    compile: bool = False, draft_tokens: int = 0) -> Iterator[tuple[int, str]]:
     """``generate``, yielding ``(index, text)`` for each prompt as soon as its row finishes (in the
     order rows finish, not the order of ``prompts``)."""
     if isinstance(prompts, str):
@@ -164,7 +164,7 @@ def generate_stream(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], 
                                   batch_size)
     else:
         results = engine.stream(model, rows, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids, temperature,
-                                top_p, seed, batch_size, should_stop)
+                                top_p, seed, batch_size, should_stop, draft_tokens=draft_tokens)
     for i, ids in results:
         yield i, _finish(tokenizer, ids, stop)
         if bar:
@@ -190,7 +190,8 @@ def _static_batches(model: Llama, tokenizer: Tokenizer, rows: list[list[int]], m
 
 def generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-             seed: int = 0, batch_size: int = 16, progress: bool = False, compile: bool = False) -> list[str]:
+             seed: int = 0, batch_size: int = 16, progress: bool = False, compile: bool = False,
+             draft_tokens: int = 0) -> list[str]:
     """Complete every prompt; returns the new text of each (without the prompt), in order.
 
     ``batch_size`` prompts decode together (the engine's slots, refilled as rows finish: see
@@ -198,11 +199,13 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new
     strings (which is cut off); sampling (temperature > 0, top-p) draws each prompt's tokens from
     a generator seeded by ``seed`` and that prompt, so a prompt gets the same text whatever the
     batch. ``compile=True`` compiles the decode step (see ``generate_tokens``): worth it for many
-    prompts, not for a few.
+    prompts, not for a few. ``draft_tokens`` > 0 lets greedy rows check that many prompt-lookup
+    guesses a step (model/engine.py): the same text in fewer steps, worth it where a step of a few
+    tokens per row costs about what one of one token does (not on a small CPU).
     """
     results: list[str] = [""] * len(prompts)
     for i, text in generate_stream(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, seed,
-                                   batch_size, progress, compile):
+                                   batch_size, progress, compile, draft_tokens):
         results[i] = text
     return results
 

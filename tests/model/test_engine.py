@@ -207,7 +207,7 @@ def test_prompts_prefilled_together_get_their_tokens_alone(which, budget, reques
     rows = prompt_rows(tok)
     P = engine.shared_prefix_len(rows)
     monkeypatch.setattr(engine, "PREFILL_TOKENS", budget)
-    blocks, caches = [], []
+    blocks, caches, shapes = [], [], []
     real_prefill, real_caches = engine.prefill_hidden, engine._caches
 
     def counting(m, suffixes, prefix, pad_id, extra=0):
@@ -216,12 +216,14 @@ def test_prompts_prefilled_together_get_their_tokens_alone(which, budget, reques
 
     def keeping(*a, **kw):
         caches.append(real_caches(*a, **kw))
+        shapes.append(tuple(caches[-1][0].k.shape))  # as made (the tail's compaction replaces the tensors)
         return caches[-1]
     monkeypatch.setattr(engine, "prefill_hidden", counting)
     monkeypatch.setattr(engine, "_caches", keeping)
     expected = alone(model, tok, rows, 15)
     blocks.clear()
     caches.clear()
+    shapes.clear()
     assert run_engine(model, tok, rows, 15, n_slots=4) == expected
     assert sorted(n for b in blocks for n in b) == sorted(len(r) - P for r in rows)  # each prompt once
     assert blocks[0][0] == max(len(r) for r in rows) - P  # the longest first
@@ -230,6 +232,59 @@ def test_prompts_prefilled_together_get_their_tokens_alone(which, budget, reques
         assert all(len(b) == 1 for b in blocks)
     if budget == 10_000:
         assert [len(b) for b in blocks][0] == 4  # the four free slots filled by one prefill
-    decode = [c for c in caches if c[0].prefix is not None]  # the decode caches: 4 slots of own tokens
-    assert len(decode) == 1 and decode[0][0].prefix[0].shape[2] == P
-    assert decode[0][0].k.shape[:3] == (4, decode[0][0].k.shape[1], max(len(r) for r in rows) - P + 15)
+    decode = [(c, n) for c, n in zip(caches, shapes) if c[0].prefix is not None]  # 4 slots of own tokens
+    assert len(decode) == 1 and decode[0][0][0].prefix[0].shape[2] == P
+    (_, shape), = decode  # room for the longest prompt's own tokens and 15 new ones
+    assert shape[:3] == (4, shape[1], max(len(r) for r in rows) - P + 15)
+
+
+def test_lookup_drafts_what_followed_the_longest_recent_match():
+    """A draft copies what followed the most recent earlier occurrence of the row's last 3 tokens
+    (then 2, then 1); nothing when the last token is new; the table grows with the row."""
+    look = engine._Lookup([5, 6, 7, 8, 9, 6, 7, 1, 2, 6, 7])
+    assert look.draft(3) == [1, 2, 6]  # "6 7" last occurred before at 5..6, followed by 1 2 6
+    look.ids += [1, 2]
+    assert look.draft(2) == [6, 7]  # "7 1 2" occurred before at 6..8
+    look.ids.append(99)
+    assert look.draft(4) == []  # 99 is new
+    assert engine._Lookup([4, 4, 4]).draft(5) == [4]  # the match may run into the tail itself
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_drafted_rows_get_their_tokens_alone_in_fewer_steps(which, request, monkeypatch):
+    """With prompt-lookup drafts a greedy row keeps the guesses the model would have chosen, so
+    every prompt gets what it gets alone (fp32), with refill, EOS mid-batch and a draft that
+    reaches a row's token limit; and drafts are really kept: fewer forward passes."""
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    steps = []  # tokens fed per row in each decode step
+    real = engine._run
+
+    def counting(m, caches, ids, mask, positions, start, *a, **k):
+        if isinstance(start, torch.Tensor):  # a decode step (a prefill starts at one int position)
+            steps.append(ids.shape[1])
+        return real(m, caches, ids, mask, positions, start, *a, **k)
+    monkeypatch.setattr(engine, "_run", counting)
+    free = alone(model, tok, rows, 40)
+    stop = next(t for out in free for t in out[3:])
+    for stop_ids in ((), (stop,)):
+        expected = alone(model, tok, rows, 40, stop_ids)
+        counts = {}
+        for k in (0, 1, 3):
+            steps.clear()
+            assert run_engine(model, tok, rows, 40, stop_ids, n_slots=3, draft_tokens=k) == expected
+            counts[k] = len(steps)
+            assert max(steps) <= 1 + k
+        assert any(t > 1 for t in steps) and counts[3] < counts[0]  # drafts were fed, and kept: fewer steps
+
+
+def test_drafted_rows_stop_at_stop_strings_as_alone(tiny):
+    model, tok = tiny
+    prompts = [PREFIX + e for e in ENDINGS]
+    free = [generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    stop = next(t[len(t) // 2:len(t) // 2 + 2] for t in free if len(t.strip()) > 6)
+    expected = [generate(model, tok, [p], max_new_tokens=24, stop=[stop])[0] for p in prompts]
+    assert generate(model, tok, prompts, max_new_tokens=24, stop=[stop], batch_size=3, draft_tokens=3) == expected
+    # sampled rows never draft: the same text as without the option
+    sampled = dict(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=16, batch_size=3)
+    assert generate(model, tok, prompts, draft_tokens=3, **sampled) == generate(model, tok, prompts, **sampled)

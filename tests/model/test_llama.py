@@ -147,56 +147,60 @@ def test_config_maps_real_configs():
     assert LlamaConfig.from_dict(v5).rope_theta == 100000.0
 
 
+@pytest.mark.parametrize("T", [1, 3], ids=["one-query", "with-drafts"])
 @pytest.mark.parametrize("heads, kv_heads", [(12, 2), (4, 4)], ids=["gqa", "mha"])
-def test_one_query_attention_equals_sdpa(heads, kv_heads):
-    """The CPU decode step's attention (model.llama.one_query_attention) against SDPA on the same
-    inputs, with a boolean and an additive mask: float32 to rounding; in bf16 as close to the
-    exact (float64) result as SDPA itself."""
+def test_decode_attention_equals_sdpa(heads, kv_heads, T):
+    """The CPU decode step's attention (model.llama.decode_attention) against SDPA on the same
+    inputs, with a boolean and an additive mask, for one query per row and for a token with two
+    drafts after it: float32 to rounding; in bf16 as close to the exact (float64) result as SDPA."""
     import torch.nn.functional as F
-    from model.llama import one_query_attention
+    from model.llama import decode_attention
     g = torch.Generator().manual_seed(0)
     B, D, S = 3, 16, 40
-    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((heads, 1), (kv_heads, S), (kv_heads, S)))
-    sees = torch.rand(B, 1, 1, S, generator=g) > 0.3
-    sees[..., -1] = True  # a row always sees its own new key
-    additive = torch.zeros(B, 1, 1, S).masked_fill(~sees, float("-inf"))
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((heads, T), (kv_heads, S), (kv_heads, S)))
+    sees = torch.rand(B, 1, T, S, generator=g) > 0.3
+    sees &= torch.arange(S) <= torch.arange(S - T, S)[:, None]  # causal within the T queries
+    sees[..., 0] = True  # every query sees something
+    additive = torch.zeros(B, 1, T, S).masked_fill(~sees, float("-inf"))
     rep = heads // kv_heads
     exact = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
                                            v.double().repeat_interleave(rep, 1), attn_mask=sees)
-    for mask in (sees, additive, None):
+    for mask in (sees, additive, None) if T == 1 else (sees, additive):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
-        assert torch.allclose(one_query_attention(q, k, v, mask), want, atol=1e-6)
+        assert torch.allclose(decode_attention(q, k, v, mask), want, atol=1e-6)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    ours = (one_query_attention(qb, kb, vb, additive.bfloat16()).double() - exact).abs().max()
+    ours = (decode_attention(qb, kb, vb, additive.bfloat16()).double() - exact).abs().max()
     sdpa = (F.scaled_dot_product_attention(qb, kb, vb, attn_mask=sees, enable_gqa=rep > 1).double() - exact).abs().max()
     assert ours <= sdpa * 1.5 + 1e-3
 
 
+@pytest.mark.parametrize("T", [1, 3], ids=["one-query", "with-drafts"])
 @pytest.mark.parametrize("heads, kv_heads", [(12, 2), (4, 4)], ids=["gqa", "mha"])
-def test_one_query_attention_with_a_shared_prefix_equals_attention_over_a_copy_per_row(heads, kv_heads):
+def test_decode_attention_with_a_shared_prefix_equals_attention_over_a_copy_per_row(heads, kv_heads, T):
     """A decode step whose rows share a prefix kept once (KVCache.prefix, as the engine keeps the
     rating prompts' instructions) attends as SDPA does over each row's own copy of it followed
     by the row's keys: float32 to rounding, in bf16 (float32 caches, as the engine's CPU cache)
     as close to the exact result as SDPA."""
     import torch.nn.functional as F
-    from model.llama import one_query_attention
+    from model.llama import decode_attention
     g = torch.Generator().manual_seed(1)
     B, D, P, S = 3, 16, 25, 9
-    q = torch.randn(B, heads, 1, D, generator=g)
+    q = torch.randn(B, heads, T, D, generator=g)
     pk, pv = (torch.randn(1, kv_heads, P, D, generator=g) for _ in range(2))
     k, v = (torch.randn(B, kv_heads, S, D, generator=g) for _ in range(2))
-    sees = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    sees = torch.rand(B, 1, T, S, generator=g) > 0.3
+    sees &= torch.arange(S) <= torch.arange(S - T, S)[:, None]  # causal within the T queries
     sees[..., 0] = True
-    additive = torch.zeros(B, 1, 1, S).masked_fill(~sees, float("-inf"))
+    additive = torch.zeros(B, 1, T, S).masked_fill(~sees, float("-inf"))
     full_k, full_v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
-    full_mask = torch.cat([torch.ones(B, 1, 1, P, dtype=torch.bool), sees], -1)
+    full_mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), sees], -1)
     rep = heads // kv_heads
     want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask, enable_gqa=rep > 1)
-    assert torch.allclose(one_query_attention(q, k, v, additive, (pk, pv)), want, atol=1e-6)
-    assert torch.allclose(one_query_attention(q, k, v, sees, (pk, pv)), want, atol=1e-6)
+    assert torch.allclose(decode_attention(q, k, v, additive, (pk, pv)), want, atol=1e-6)
+    assert torch.allclose(decode_attention(q, k, v, sees, (pk, pv)), want, atol=1e-6)
     exact = F.scaled_dot_product_attention(q.double(), full_k.double().repeat_interleave(rep, 1),
                                            full_v.double().repeat_interleave(rep, 1), attn_mask=full_mask)
-    ours = (one_query_attention(q.bfloat16(), k.bfloat16().float(), v.bfloat16().float(), additive.bfloat16(),
+    ours = (decode_attention(q.bfloat16(), k.bfloat16().float(), v.bfloat16().float(), additive.bfloat16(),
                                 (pk.bfloat16().float(), pv.bfloat16().float())).double() - exact).abs().max()
     sdpa = (F.scaled_dot_product_attention(q.bfloat16(), full_k.bfloat16(), full_v.bfloat16(), attn_mask=full_mask,
                                            enable_gqa=rep > 1).double() - exact).abs().max()
