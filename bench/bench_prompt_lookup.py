@@ -20,7 +20,8 @@ Two figures decide whether it pays, both printed here:
   cache (the weights' part of a step: attention over the cache comes on top and grows with k too).
 
 A step of 1 + k tokens then gives ``tokens per step x cost(1) / cost(1 + k)`` the speed of a
-plain step at best: a projection, not a measured speed (the engine does not draft).
+plain step at best: a projection, not a measured speed. The engine drafts this way with
+``generate(..., draft_tokens=k)``; ``bench_engine.py --drafts k`` measures it on the workloads.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ The method's two generation workloads waste work in a static batch (``sampling.g
 
 Rows are independent. A slot's row has its own length and its own positions (no padding: a
 prompt is prefilled from the end of the prefix, right-padded only within one prefill call),
-each decode step writes each row's new key/value at that row's own length
-(``KVCache.update`` with a tensor of slots), and the attention mask lets each row see only its
-own slots (and the prefix). On a CPU the slots are float32, the dtype the decode step's
+each decode step writes each row's new keys/values (its last token, and its drafts if any) from
+that row's own length on (``KVCache.update`` with a tensor of slots), and the attention mask
+lets each row see only its own slots (and the prefix), causally. On a CPU the slots are float32, the dtype the decode step's
 attention computes in (``model.llama.decode_attention``), so no step converts the cache. A
 sampled row draws from its own random generator, seeded from the run's seed and the row's
 prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts share its
@@ -39,7 +39,9 @@ followed the same last few tokens earlier in its prompt or output (:class:`_Look
 feeds a row's last token and up to ``draft_tokens`` such guesses; the model's greedy choice after
 each fed token checks the next guess, and the row keeps the guesses up to the first wrong one,
 then takes the model's own token there. Every kept token is the one the model chooses, so the
-output is the one without drafts (in fp32: the tests); only the number of steps falls. It pays
+output is the one without drafts (exactly in fp32: the tests; in bf16 a step of a few tokens per
+row rounds otherwise, and a near-tie can go the other way); only the number of steps falls. A
+step feeds every row 1 + the longest draft of any row (the others padded). It pays
 where a step costs about the same for a few tokens per row as for one (the weights read once, as
 on a GPU); on a 2-core CPU a step of 8 rows x 3 tokens costs about 1.4x one of 8 x 1, which eats
 most of the gain (docs/benchmarks.md, "Prompt-lookup drafts"), so it is off by default.
@@ -208,7 +210,7 @@ class _Lookup:
     def __init__(self, ids: Sequence[int]):
         self.ids = list(ids)
         self.seen: dict[tuple[int, ...], int] = {}
-        self.indexed = 1  # n-grams ending before this position are in ``seen``
+        self.indexed = 1  # ids[e - n:e] for every e < indexed (n = 1..DRAFT_NGRAM) is in ``seen``
 
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` guessed next tokens (none when the last token never occurred before)."""
@@ -257,7 +259,7 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
     The longest prefix every prompt shares is computed once (``share_prefix``, see
     :func:`shared_prefix_len`). Sampled rows (``temperature > 0``) are seeded by :func:`row_seed`.
     Greedy rows feed up to ``draft_tokens`` prompt-lookup guesses a step (0, the default: none),
-    which change the number of steps, not the output.
+    which change the number of steps, not the output (exactly in fp32; see the module docstring).
     """
     if not rows:
         return
@@ -346,20 +348,30 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
             for k in running:
                 slots[k].length += 1
             continue
-        # Check the drafts: row k keeps draft j while the model's choice after the token before it
-        # (out[k, j].argmax()) is that draft; its next token then comes from out[k, kept].
-        choice, kept_at = out.argmax(-1).tolist(), [0] * B
+        choice, kept_at = out.argmax(-1).tolist(), [0] * B  # the model's greedy choice after each fed token
         for k in running:
-            s, kept, finished = slots[k], 0, False
-            while not finished and kept < len(drafts[k]) and choice[k][kept] == drafts[k][kept]:
-                kept += 1
-                finished = _append(s, drafts[k][kept - 1], stops, max_new_tokens, should_stop)
+            kept_at[k], finished = _keep_drafts(slots[k], drafts[k], choice[k], stops, max_new_tokens, should_stop)
             if finished:
-                yield s.index, s.new
+                yield slots[k].index, slots[k].new
                 slots[k] = None
-            s.length += 1 + kept  # the fed token and the kept drafts are now in the cache
-            kept_at[k] = kept
-        logits = out[torch.arange(B, device=device), torch.tensor(kept_at, device=device)]
+            else:
+                slots[k].length += 1 + kept_at[k]  # the fed token and the kept drafts are now in the cache
+        logits = out[torch.arange(B, device=device), torch.tensor(kept_at, device=device)]  # after the last kept
+
+
+def _keep_drafts(slot: _Slot, draft: list[int], choice: list[int], stops: set[int], max_new_tokens: int,
+                 should_stop: Callable[[list[int]], bool] | None) -> tuple[int, bool]:
+    """Check a row's drafts against ``choice`` (the model's greedy token after each fed token:
+    choice[j] follows draft j - 1, choice[0] the row's last token). Draft j is kept while
+    choice[j] is that draft, so every kept token is the model's own; the row's next token then
+    comes from the logits after the last kept one. Returns (drafts kept, whether the row ended
+    on one: a stop id or a stop string, exactly as without drafts)."""
+    kept = 0
+    while kept < len(draft) and choice[kept] == draft[kept]:
+        kept += 1
+        if _append(slot, draft[kept - 1], stops, max_new_tokens, should_stop):
+            return kept, True
+    return kept, False
 
 
 def _append(slot: _Slot, token: int, stops: set[int], max_new_tokens: int,
@@ -375,6 +387,7 @@ def _append(slot: _Slot, token: int, stops: set[int], max_new_tokens: int,
 
 
 def _draft(slot: _Slot, draft_tokens: int, max_new_tokens: int) -> list[int]:
-    """The row's guesses for this step: none for sampled rows, and never past its token limit."""
+    """The row's guesses for this step: none for sampled rows, and at most as many as leave room
+    for the model's own token after them within the row's limit (more could never be kept)."""
     room = min(draft_tokens, max_new_tokens - len(slot.new) - 1)
     return slot.lookup.draft(room) if slot.lookup is not None and room > 0 else []

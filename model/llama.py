@@ -162,6 +162,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     own, and one softmax runs over the P prefix scores and the row's S: the same attention as
     over the row's P + S keys."""
     B, H, T, D = q.shape
+    if mask is None and T > 1:
+        raise ValueError("decode_attention: several queries per row need a mask (causal within them)")
     kv_heads, S = k.shape[1], k.shape[2]
     G, dtype = H // kv_heads, q.dtype
     q = q.reshape(B, kv_heads, G * T, D).float() * D ** -0.5  # head h = kv head h // G, group h % G

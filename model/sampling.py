@@ -200,7 +200,8 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new
     a generator seeded by ``seed`` and that prompt, so a prompt gets the same text whatever the
     batch. ``compile=True`` compiles the decode step (see ``generate_tokens``): worth it for many
     prompts, not for a few. ``draft_tokens`` > 0 lets greedy rows check that many prompt-lookup
-    guesses a step (model/engine.py): the same text in fewer steps, worth it where a step of a few
+    guesses a step (model/engine.py; not with ``compile=True``): the same tokens in fewer steps
+    (exactly in fp32; in bf16 a near-tie may go the other way), worth it where a step of a few
     tokens per row costs about what one of one token does (not on a small CPU).
     """
     results: list[str] = [""] * len(prompts)

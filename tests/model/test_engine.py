@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from model import engine, generate, load_model
-from model.sampling import generate_stream, generate_tokens, left_pad, next_token_logprobs, token_logprobs
+from model.sampling import (generate_stream, generate_tokens, left_pad, next_token_logprobs, stop_checker,
+                            token_logprobs)
 from tests.tiny import SHARED, make_tiny
 
 PREFIX = ("Below is an instruction and a response. Rate how well the response answers the instruction, "
@@ -251,10 +252,11 @@ def test_lookup_drafts_what_followed_the_longest_recent_match():
 
 
 @pytest.mark.parametrize("which", ["tiny", "stories"])
-def test_drafted_rows_get_their_tokens_alone_in_fewer_steps(which, request, monkeypatch):
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix", "no-prefix"])
+def test_drafted_rows_get_their_tokens_alone_in_fewer_steps(which, share_prefix, request, monkeypatch):
     """With prompt-lookup drafts a greedy row keeps the guesses the model would have chosen, so
-    every prompt gets what it gets alone (fp32), with refill, EOS mid-batch and a draft that
-    reaches a row's token limit; and drafts are really kept: fewer forward passes."""
+    every prompt gets what it gets alone (fp32), with refill and EOS mid-batch, after a shared
+    prefix kept once or without one; and drafts are really kept: fewer decode steps."""
     model, tok = request.getfixturevalue(which)
     rows = prompt_rows(tok)
     steps = []  # tokens fed per row in each decode step
@@ -272,19 +274,52 @@ def test_drafted_rows_get_their_tokens_alone_in_fewer_steps(which, request, monk
         counts = {}
         for k in (0, 1, 3):
             steps.clear()
-            assert run_engine(model, tok, rows, 40, stop_ids, n_slots=3, draft_tokens=k) == expected
+            assert run_engine(model, tok, rows, 40, stop_ids, n_slots=3, draft_tokens=k,
+                              share_prefix=share_prefix) == expected
             counts[k] = len(steps)
             assert max(steps) <= 1 + k
         assert any(t > 1 for t in steps) and counts[3] < counts[0]  # drafts were fed, and kept: fewer steps
 
 
-def test_drafted_rows_stop_at_stop_strings_as_alone(tiny):
-    model, tok = tiny
-    prompts = [PREFIX + e for e in ENDINGS]
-    free = [generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_drafted_rows_stop_at_stop_strings_as_alone(which, request):
+    """A stop string ends a drafted row at the same token as alone: compared on the token ids the
+    engine returns (the text is cut at the stop string afterwards, which would hide a late stop)."""
+    model, tok = request.getfixturevalue(which)
+    rows = prompt_rows(tok)
+    free = [tok.decode(ids) for ids in alone(model, tok, rows, 30)]
     stop = next(t[len(t) // 2:len(t) // 2 + 2] for t in free if len(t.strip()) > 6)
-    expected = [generate(model, tok, [p], max_new_tokens=24, stop=[stop])[0] for p in prompts]
-    assert generate(model, tok, prompts, max_new_tokens=24, stop=[stop], batch_size=3, draft_tokens=3) == expected
+    should_stop = stop_checker(tok, [stop])
+    expected = [generate_tokens(model, [r], 30, tok.pad_id, should_stop=should_stop)[0] for r in rows]
+    assert any(len(e) < 30 for e in expected)
+    assert run_engine(model, tok, rows, 30, n_slots=3, should_stop=should_stop, draft_tokens=3) == expected
+    prompts = [PREFIX + e for e in ENDINGS]
     # sampled rows never draft: the same text as without the option
     sampled = dict(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=16, batch_size=3)
     assert generate(model, tok, prompts, draft_tokens=3, **sampled) == generate(model, tok, prompts, **sampled)
+
+
+def test_keep_drafts_keeps_the_model_s_choices_and_ends_rows_as_without_drafts():
+    """The check of one row's drafts, on made-up choices: kept while the model chose them; a kept
+    stop id or stop string ends the row exactly where one token at a time would."""
+    def slot():
+        return engine._Slot(0, 5, [7], None, engine._Lookup([1, 2, 7]))
+    s = slot()
+    assert engine._keep_drafts(s, [3, 4, 5], [3, 4, 9, 0], set(), 10, None) == (2, False)
+    assert s.new == [7, 3, 4] and s.lookup.ids == [1, 2, 7, 3, 4]  # the next token comes from choice[2]
+    s = slot()
+    assert engine._keep_drafts(s, [3, 2, 5], [3, 2, 5, 0], {2}, 10, None) == (2, True)
+    assert s.new == [7, 3]  # the stop id ends the row and is not part of its output
+    s = slot()
+    assert engine._keep_drafts(s, [3, 4, 5], [3, 4, 5, 0], set(), 10, lambda new: new[-1] == 4) == (2, True)
+    assert s.new == [7, 3, 4]
+    s = slot()
+    assert engine._keep_drafts(s, [3, 4], [8, 4, 0], set(), 10, None) == (0, False) and s.new == [7]
+
+
+def test_drafts_leave_room_for_the_model_s_token_within_the_limit():
+    s = engine._Slot(0, 5, [3, 6, 1], None, engine._Lookup([5, 1, 2, 3, 4, 3, 6, 1]))
+    assert engine._draft(s, 3, 10) == [2, 3, 4]  # what followed the earlier "1"
+    assert engine._draft(s, 3, 6) == [2, 3]  # 3 new, limit 6: two drafts and the model's own token
+    assert engine._draft(s, 3, 4) == []
+    assert engine._draft(engine._Slot(0, 5, [1], torch.Generator(), None), 3, 10) == []  # sampled: none
