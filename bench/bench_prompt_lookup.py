@@ -14,8 +14,9 @@ words into its reasoning and backtranslation copies the answer's topic, so guess
 Two figures decide whether it pays, both printed here:
 
 * **tokens per step**: our greedy outputs (``model.generate``, SmolLM2-135M, bf16) replayed with
-  drafts of up to k tokens from the longest of the last 3/2/1 tokens found before; counted per
-  row, as if each row took its own steps (a batched step checks its longest draft);
+  drafts of up to k tokens from the longest of the last 3/2/1 tokens found before (the engine's
+  ``_Lookup``); counted per row, as if each row took its own steps (a batched step checks its
+  longest draft);
 * **the cost of checking**: one forward pass of (rows, 1 + k) new tokens against (rows, 1), no
   cache (the weights' part of a step: attention over the cache comes on top and grows with k too).
 
@@ -35,25 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import backtranslation_workload, rating_workload  # noqa: E402
 
 
-def draft(context: list[int], k: int, ngram: int = 3) -> list[int]:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the context's last
-    ``ngram`` tokens (then ngram - 1, ..., 1); empty when none occurs earlier."""
-    for n in range(min(ngram, len(context) - 1), 0, -1):
-        tail = context[-n:]
-        for s in range(len(context) - n - 1, -1, -1):
-            if context[s:s + n] == tail:
-                return context[s + n:s + n + k]
-    return []
-
-
 def steps_with_drafts(prompt: list[int], output: list[int], k: int) -> int:
     """Steps a greedy row takes to produce ``output`` when each step checks a draft of up to ``k``
-    tokens: it keeps the draft's tokens that match the output, plus the next output token."""
-    steps = i = 0
+    tokens, guessed as the engine guesses them (``model.engine._Lookup``): it keeps the draft's
+    tokens that match the output, plus the next output token."""
+    from model.engine import _Lookup
+    lookup, steps, i = _Lookup(prompt), 0, 0
     while i < len(output):
-        guess, kept = draft(prompt + output[:i], k), 0
+        guess, kept = lookup.draft(k), 0
         while kept < len(guess) and i + kept < len(output) and guess[kept] == output[i + kept]:
             kept += 1
+        lookup.ids += output[i:i + kept + 1]  # the kept guesses and the model's own token
         i, steps = i + kept + 1, steps + 1
     return steps
 
