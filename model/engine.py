@@ -265,6 +265,8 @@ def stream(model: Llama, rows: Sequence[Sequence[int]], max_new_tokens: int, pad
         return
     if any(not r for r in rows):
         raise ValueError("empty prompt: generation needs at least one token to condition on")
+    if draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be 0 (no drafts) or more, got {draft_tokens}")
     device = model.model.embed_tokens.weight.device
     P = shared_prefix_len(rows) if share_prefix else 0
     prefix = prefix_for(model, rows[0][:P])

@@ -159,6 +159,8 @@ def test_stream_yields_rows_as_they_finish(tiny):
     assert sorted(order) == list(range(len(prompts)))
     with pytest.raises(ValueError, match="empty prompt"):
         list(engine.stream(model, [[1, 2], []], 4, tok.pad_id))
+    with pytest.raises(ValueError, match="draft_tokens must be 0"):
+        list(engine.stream(model, [[1, 2]], 4, tok.pad_id, draft_tokens=-1))
 
 
 def test_kept_prefix_is_computed_once_and_outputs_stay_those_alone(tiny, monkeypatch):
