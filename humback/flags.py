@@ -328,8 +328,10 @@ def pipeline_parser(description: str | None = None, raise_errors: bool = False) 
                    help="self-curation rater: this model alone (folder or hub id, quantized like --model) instead "
                         "of the seed model M0, e.g. a bigger chat model when the base is too small to follow the "
                         "Table 1 prompt, prompted in its own chat template; the evaluate stage then measures this "
-                        "rater. 'm0' rates with the seed model M0, the paper's method (the default of the demo and "
-                        "paper presets; the assignment preset rates with meta-llama/Llama-2-7b-chat-hf)")
+                        "rater (the demo preset then gives it 128 new tokens to rate, not 48, to finish its "
+                        "reasoning; --curate-args/--eval-args still override). 'm0' rates with the seed model M0, "
+                        "the paper's method (the default of the demo and paper presets; the assignment preset "
+                        "rates with meta-llama/Llama-2-7b-chat-hf)")
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")
     g.add_argument("--forward-data", choices=["seed+curated", "curated"], help="what the forward model trains on")
     g.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--max-steps 5\"")

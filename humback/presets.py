@@ -46,6 +46,10 @@ class Preset:
     heldout: str | None = None          # pairs for the evaluate stage (none: no evaluate stage)
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
     rater_model: str | None = None      # rate with this chat model alone instead of M0 (one iteration only)
+    # The rating budget (curate --max-new-tokens, evaluate --rating-tokens) when rater_model rates,
+    # put before --curate-args/--eval-args. A released chat model reasons at its own length before
+    # "Score:"; the demo's 48 tokens, sized for M0, cut 30% of the 1.5B's answers on long texts.
+    rater_model_tokens: int | None = None
 
 
 PRESETS = {
@@ -60,7 +64,8 @@ PRESETS = {
                    respond=["--max-new-tokens", "96", "--batch-size", "8"],
                    heldout=str(DEMO / "heldout.jsonl"),
                    evaluate=["--n", "12", "--k-shot", "2", "--instruction-tokens", "48", "--rating-tokens", "48",
-                             "--answer-tokens", "96"]),
+                             "--answer-tokens", "96"],
+                   rater_model_tokens=128),
     # The course assignment: Llama-2-7B in NF4 on one Colab-class GPU.
     "assignment": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4",
                          seed_data="guanaco:timdettmers/openassistant-guanaco",
@@ -110,6 +115,10 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
             if v is not None}
     if args.rater_model:
         over["rater_model"] = None if args.rater_model == "m0" else args.rater_model
+    if over.get("rater_model", pre.rater_model) and pre.rater_model_tokens:
+        budget = str(pre.rater_model_tokens)
+        over["curate"] = pre.curate + ["--max-new-tokens", budget]
+        over["evaluate"] = pre.evaluate + ["--rating-tokens", budget]
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
     if args.heldout:
@@ -118,5 +127,5 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         extra = getattr(args, f"{name}_args")
         if extra:
             key = "evaluate" if name == "eval" else name
-            over[key] = getattr(pre, key) + shlex.split(extra)
+            over[key] = over.get(key, getattr(pre, key)) + shlex.split(extra)
     return replace(pre, **over)

@@ -234,3 +234,24 @@ def test_likelihood_rating_refuses_a_chat_prompt_format(tmp_path: Path, capsys: 
     for ok in (["--method", "likelihood"], ["--prompt-format", "chat"]):
         args = curate_parser().parse_args(["--model", "m", "--pairs", "p", "--out", "o", "--curated", "c"] + ok)
         assert args.method in ("prompt", "likelihood")
+
+
+def test_a_chat_rater_gets_the_presets_rating_budget() -> None:
+    """The demo preset sizes its 48 rating tokens for M0; a --rater-model (a released chat model,
+    reasoning at its own length) gets rater_model_tokens in curate and evaluate, and the user's
+    --curate-args / --eval-args still come after it (the last flag wins in argparse)."""
+    from humback.flags import pipeline_parser
+
+    def preset(*flags: str) -> argparse.Namespace:
+        return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "demo", *flags]))
+    m0 = preset()
+    assert m0.curate[:2] == ["--max-new-tokens", "48"] and m0.evaluate.count("--rating-tokens") == 1
+    chat = preset("--rater-model", "qwen2.5-coder-1.5b-instruct")
+    assert chat.curate == m0.curate + ["--max-new-tokens", "128"]
+    assert chat.evaluate == m0.evaluate + ["--rating-tokens", "128"]
+    assert preset("--rater-model", "m0").curate == m0.curate  # M0 keeps the preset's budget
+    mine = preset("--rater-model", "qwen2.5-coder-1.5b-instruct", "--curate-args=--max-new-tokens 64",
+                  "--eval-args=--rating-tokens 32")
+    assert mine.curate[-4:] == ["--max-new-tokens", "128", "--max-new-tokens", "64"]
+    assert mine.evaluate[-2:] == ["--rating-tokens", "32"]
+    assert preset("--curate-args=--batch-size 4").curate == m0.curate + ["--batch-size", "4"]
