@@ -24,8 +24,10 @@ per-row positions and an additive key mask). The lines:
   against the plain one.
 
 Reported: milliseconds per step, the best of --rounds rounds of --steps steps, the variants
-alternating (``time_steps``; on a GPU each round waits for the GPU to finish). On a GPU the engine's
-cache is in the model's dtype, as ``model.engine`` keeps it there.
+alternating (``time_steps``; on a GPU each round waits for the GPU to finish). On a GPU the
+engine's slots are in the model's dtype (the prefix stays float32), as ``model.engine`` keeps
+them, and only the engine's lines (and transformers') are timed: without a prefix a GPU step runs
+SDPA in every variant, so the CPU-only comparisons would time the same thing.
 """
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="name, folder or hub id (default SmolLM2-135M)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--quantize", choices=["nf4"], default=None, help="load the block linears as NF4 (bitsandbytes)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="load our block linears as NF4 (bitsandbytes); needs --no-hf (transformers' would be bf16)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--keys", type=int, default=900, help="cached keys per row, the prefix included")
     p.add_argument("--prefix", type=int, default=0, help="of them, keys every row shares (default 0)")
@@ -87,6 +90,8 @@ def main() -> None:
         p.error(f"--fed must be 1 or more, got {args.fed}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
+    if args.quantize and not args.no_hf:
+        p.error("--quantize nf4 needs --no-hf: transformers' step here is bf16, so the two would not compare")
     device = torch.device(args.device)
     model, _ = load_model(args.model, dtype="bf16", device=args.device, quantize=args.quantize)
     vocab = model.config.vocab_size
@@ -102,12 +107,12 @@ def main() -> None:
                 engine._run(model, caches, last[:, :fed], mask, positions, slot)
         return run
 
-    slot_dtype = torch.float32 if device.type == "cpu" else None  # as model.engine.stream keeps them
-    kept = engine._caches(model, B, S - P + args.fed, slot_dtype)
+    # As model.engine.stream keeps them: the slots float32 on a CPU (the model's dtype elsewhere),
+    # the shared prefix float32 everywhere.
+    kept = engine._caches(model, B, S - P + args.fed, torch.float32 if device.type == "cpu" else None)
     a = model.model.layers[0].self_attn
     for c in kept if P else ():
-        c.prefix = tuple(torch.randn(1, a.n_kv_heads, P, a.head_dim, device=device, dtype=slot_dtype or torch.bfloat16)
-                         for _ in range(2))
+        c.prefix = tuple(torch.randn(1, a.n_kv_heads, P, a.head_dim, device=device) for _ in range(2))
     per_row = engine._caches(model, B, S + 1)
 
     def sdpa_step():
@@ -119,7 +124,9 @@ def main() -> None:
         finally:
             llama.decode_attention = real
 
-    steps = {"engine": step(kept, S - P), "bf16 cache, prefix per row": step(per_row, S), "SDPA": sdpa_step}
+    steps = {"engine": step(kept, S - P)}
+    if device.type == "cpu":  # on a GPU a step without a prefix runs SDPA anyway: these two would be the same
+        steps |= {"bf16 cache, prefix per row": step(per_row, S), "SDPA": sdpa_step}
     if args.fed > 1:
         steps[f"engine, {args.fed} tokens per row"] = step(kept, S - P, args.fed)
     if not args.no_hf:
@@ -132,7 +139,7 @@ def main() -> None:
 
         def theirs():
             with torch.inference_mode():
-                hf(last, attention_mask=full, past_key_values=cache, use_cache=True)
+                hf(last[:, :1], attention_mask=full, past_key_values=cache, use_cache=True)
                 cache.crop(-1)  # drop the new token: the same cache length at every step
         steps["transformers"] = theirs
     results = time_steps(steps, args.steps, args.rounds, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
@@ -140,7 +147,7 @@ def main() -> None:
     print(f"{args.model}, bf16{' + ' + args.quantize if args.quantize else ''}, {B} rows x {S} cached keys "
           f"({P} shared), torch {torch.__version__}, {where}: one decode step, ms")
     for name, ms in results.items():
-        print(f"  {name:<28} {ms:8.1f}")
+        print(f"  {name:<28} {ms:9.2f}")
 
 
 if __name__ == "__main__":

