@@ -517,8 +517,11 @@ def main() -> None:
                 continue
             if name == "drafts":
                 for what, flags in DRAFT_STEPS[args.shape].items():
-                    notes[f"drafts:{what}"] = (run_drafted_step(args, model_dir, flags, min(work["caps"]["drafts"], left()), log)
-                                               if left() >= 20 else f"skipped: {max(left(), 0):.0f} s of the budget left")
+                    if left() < 20:
+                        notes[f"drafts:{what}"] = f"skipped: {max(left(), 0):.0f} s of the budget left"
+                    else:
+                        cap = min(work["caps"]["drafts"], left())
+                        notes[f"drafts:{what}"] = run_drafted_step(args, model_dir, flags, cap, log)
                 print(publish(), flush=True)
                 continue
             side, dt = name.split(":")
@@ -536,9 +539,9 @@ def main() -> None:
     print(f"\n{text}\n(total {time.perf_counter() - t_start:.0f} s; written to {out})")
 
 
-def run_logged(cmd: list[str], timeout: float, log: Path, title: str) -> tuple[int | None, float, str]:
-    """(return code or None on timeout, seconds, last stderr line); the output goes to ``log``
-    unless the command succeeded quietly."""
+def run_logged(cmd: list[str], timeout: float, log: Path, title: str) -> tuple[int | None, float, str, str]:
+    """(return code or None on timeout, seconds, last stderr line, stdout); the output goes to
+    ``log`` unless the command succeeded quietly."""
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -550,7 +553,7 @@ def run_logged(cmd: list[str], timeout: float, log: Path, title: str) -> tuple[i
         with open(log, "a") as f:
             f.write(f"===== {title}: rc {rc}, {secs:.0f} s\n{stdout[-20000:]}\n{stderr[-20000:]}\n")
     errors = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return rc, secs, (errors or [""])[-1][:200]
+    return rc, secs, (errors or [""])[-1][:200], stdout
 
 
 def _text(b) -> str:
@@ -560,7 +563,7 @@ def _text(b) -> str:
 def run_child(spec: dict, timeout: float, log: Path) -> str:
     """Run one part in a fresh process; '' if it finished, else a one-line reason."""
     name = f"{spec['side']}:{spec['dtype']}"
-    rc, secs, last = run_logged([sys.executable, __file__, "--child", json.dumps(spec)], timeout, log, name)
+    rc, secs, last, _ = run_logged([sys.executable, __file__, "--child", json.dumps(spec)], timeout, log, name)
     if rc is None:
         return f"timed out after {secs:.0f} s"
     return f"failed (rc {rc}): {last}" if rc else ""
@@ -569,7 +572,7 @@ def run_child(spec: dict, timeout: float, log: Path) -> str:
 def run_demo(args, tmp: Path, timeout: float, log: Path) -> str:
     """The demo pipeline as a subprocess: one line saying how it went."""
     cmd, what = demo_command(args, tmp)
-    rc, secs, last = run_logged(cmd, timeout, log, "demo")
+    rc, secs, last, _ = run_logged(cmd, timeout, log, "demo")
     if rc is None:
         return f"timed out after {secs:.0f} s ({what})"
     return f"{secs:.0f} s, every stage done ({what})" if rc == 0 else f"failed after {secs:.0f} s (rc {rc}): {last} ({what})"
@@ -580,18 +583,13 @@ def run_drafted_step(args, model_dir: Path, flags: list[str], timeout: float, lo
     (ratio)", or a one-line reason."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_decode_step.py"), "--model", str(model_dir),
            "--device", args.device, "--no-hf", "--fed", str(DRAFT_FED), *flags]
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        with open(log, "a") as f:
-            f.write(f"===== drafts {' '.join(flags)}: timed out\n{_text(e.stdout)[-5000:]}\n{_text(e.stderr)[-5000:]}\n")
-        return f"timed out after {timeout:.0f} s"
-    if p.returncode:
-        with open(log, "a") as f:
-            f.write(f"===== drafts {' '.join(flags)}: rc {p.returncode}\n{p.stdout[-5000:]}\n{p.stderr[-5000:]}\n")
-        return f"failed (rc {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1][:200]}"
+    rc, secs, last, stdout = run_logged(cmd, timeout, log, f"drafts {' '.join(flags)}")
+    if rc is None:
+        return f"timed out after {secs:.0f} s"
+    if rc:
+        return f"failed (rc {rc}): {last}"
     ms = {}
-    for line in p.stdout.splitlines():  # "  engine    61.5", "  engine, 3 tokens per row    83.1"
+    for line in stdout.splitlines():  # "  engine    61.5", "  engine, 3 tokens per row    83.1"
         name, _, value = line.strip().rpartition(" ")
         try:
             ms[name.strip()] = float(value)
@@ -599,7 +597,7 @@ def run_drafted_step(args, model_dir: Path, flags: list[str], timeout: float, lo
             pass
     plain, fed = ms.get("engine"), ms.get(f"engine, {DRAFT_FED} tokens per row")
     if not plain or not fed:
-        return f"no timing in the output: {p.stdout.strip()[-200:]}"
+        return f"no timing in the output: {stdout.strip()[-200:]}"
     shape = " ".join(f"{k} {v}" for k, v in zip(flags[::2], flags[1::2]) if k in ("--rows", "--keys", "--prefix"))
     return f"{plain:.2f} / {fed:.2f} ({fed / plain:.2f}x the plain step; {shape})"
 

@@ -47,8 +47,9 @@ class Preset:
     evaluate: list[str] = field(default_factory=list)      # extra evaluate.py flags
     rater_model: str | None = None      # rate with this chat model alone instead of M0 (one iteration only)
     # The rating budget (curate --max-new-tokens, evaluate --rating-tokens) when rater_model rates,
-    # in place of the preset's (--curate-args/--eval-args still override it). A released chat model reasons at its own length before
-    # "Score:"; the demo's 48 tokens, sized for M0, cut 30% of the 1.5B's answers on long texts.
+    # in place of the preset's (--curate-args/--eval-args still override it). A released chat
+    # model reasons at its own length before "Score:"; the demo's 48 tokens, sized for M0, cut 30%
+    # of the 1.5B's answers on long texts.
     rater_model_tokens: int | None = None
 
 

@@ -23,8 +23,9 @@ Rows are independent. A slot's row has its own length and its own positions (no 
 prompt is prefilled from the end of the prefix, right-padded only within one prefill call),
 each decode step writes each row's new keys/values (its last token, and its drafts if any) from
 that row's own length on (``KVCache.update`` with a tensor of slots), and the attention mask
-lets each row see only its own slots (and the prefix), causally. On a CPU the slots are float32, the dtype the decode step's
-attention computes in (``model.llama.decode_attention``), so no step converts the cache. A
+lets each row see only its own slots (and the prefix), causally. On a CPU the slots are
+float32, the dtype the decode step's attention computes in (``model.llama.decode_attention``),
+so no step converts the cache. A
 sampled row draws from its own random generator, seeded from the run's seed and the row's
 prompt (:func:`row_seed`), so what a prompt gets does not depend on which prompts share its
 batch, the batch size, their order, the number of processes, or a resume.
