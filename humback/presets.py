@@ -133,7 +133,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     if rater_model and pre.rater_model_tokens:
         over["curate"] = with_flag(pre.curate, "--max-new-tokens", str(pre.rater_model_tokens))
         over["evaluate"] = with_flag(pre.evaluate, "--rating-tokens", str(pre.rater_model_tokens))
-    if rater_model and pre.rater_model_k_shot and args.k_shot is None:
+    if rater_model and pre.rater_model_k_shot is not None and args.k_shot is None:
         over["k_shot"] = pre.rater_model_k_shot
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize

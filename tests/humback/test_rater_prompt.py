@@ -22,7 +22,7 @@ from humback.cli import UsageError
 from humback.curation import read_rated
 from humback.flags import curate_parser
 from humback.inference import prompt_chat_format
-from humback.presets import Preset, resolve_preset
+from humback.presets import PRESETS, Preset, resolve_preset
 from humback.rating import (RATER_STOPS, clean_rating, forced_score_prompt, logprob_scorer, rate, rater_prompt,
                             verdict_from_logprobs)
 from model.chat import chat_format
@@ -281,3 +281,5 @@ def test_a_chat_rater_gets_the_presets_demonstrations_in_curate_and_evaluate() -
     assert mine.k_shot == 1 and eval_k(mine) == "1"
     assert eval_k(preset("--k-shot", "4")) == "4"  # M0 too: evaluate follows curate
     assert resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "assignment"])).k_shot == 3
+    for name in PRESETS:  # curate gets pre.k_shot (pipeline.py's curate stage): no preset may pin its own after it
+        assert "--k-shot" not in PRESETS[name].curate
