@@ -325,14 +325,13 @@ def pipeline_parser(description: str | None = None, raise_errors: bool = False) 
     g.add_argument("--threshold", type=int, choices=range(1, 6), help="keep pairs rated >= this (paper: 5)")
     g.add_argument("--k-shot", type=int, choices=range(0, 6),
                    help="few-shot examples in the rating prompt, curate and evaluate alike (default: the preset's; "
-                        "demo 2, or 3 with a --rater-model; assignment and paper 3)")
+                        "demo 2, assignment and paper 3)")
     g.add_argument("--rater-model", metavar="MODEL",
                    help="self-curation rater: this model alone (folder or hub id, quantized like --model) instead "
                         "of the seed model M0, e.g. a bigger chat model when the base is too small to follow the "
                         "Table 1 prompt, prompted in its own chat template; the evaluate stage then measures this "
                         "rater (the demo preset then gives it 128 new tokens to rate, not 48, to finish its "
-                        "reasoning, and 3 demonstrations, not 2; --k-shot, --curate-args and --eval-args still "
-                        "override). 'm0' rates with the seed model M0, "
+                        "reasoning; --curate-args/--eval-args still override). 'm0' rates with the seed model M0, "
                         "the paper's method (the default of the demo and paper presets; the assignment preset "
                         "rates with meta-llama/Llama-2-7b-chat-hf)")
     g.add_argument("--iterations", type=int, choices=[1, 2], help="1: M1; 2: also M2 (paper)")

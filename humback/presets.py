@@ -51,11 +51,6 @@ class Preset:
     # model reasons at its own length before "Score:"; the demo's 48 tokens, sized for M0, cut 30%
     # of the 1.5B's answers on long texts.
     rater_model_tokens: int | None = None
-    # The few-shot count (curate and evaluate --k-shot) when rater_model rates, in place of k_shot
-    # (--k-shot still overrides it). The demo's k = 2 keeps M0's prompt short; the 1.5B chat rater
-    # tells real from mismatched pairs better with 3 (AUC 0.814 against 0.771 on 80 + 80 oasst1
-    # pairs: docs/qwen-rater.md).
-    rater_model_k_shot: int | None = None
 
 
 PRESETS = {
@@ -71,7 +66,7 @@ PRESETS = {
                    heldout=str(DEMO / "heldout.jsonl"),
                    evaluate=["--n", "12", "--instruction-tokens", "48", "--rating-tokens", "48",
                              "--answer-tokens", "96"],
-                   rater_model_tokens=128, rater_model_k_shot=3),
+                   rater_model_tokens=128),
     # The course assignment: Llama-2-7B in NF4 on one Colab-class GPU.
     "assignment": Preset(model="meta-llama/Llama-2-7b-hf", quantize="nf4",
                          seed_data="guanaco:timdettmers/openassistant-guanaco",
@@ -129,12 +124,9 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
             if v is not None}
     if args.rater_model:
         over["rater_model"] = None if args.rater_model == "m0" else args.rater_model
-    rater_model = over.get("rater_model", pre.rater_model)
-    if rater_model and pre.rater_model_tokens:
+    if over.get("rater_model", pre.rater_model) and pre.rater_model_tokens:
         over["curate"] = with_flag(pre.curate, "--max-new-tokens", str(pre.rater_model_tokens))
         over["evaluate"] = with_flag(pre.evaluate, "--rating-tokens", str(pre.rater_model_tokens))
-    if rater_model and pre.rater_model_k_shot is not None and args.k_shot is None:
-        over["k_shot"] = pre.rater_model_k_shot
     if args.quantize:
         over["quantize"] = None if args.quantize == "none" else args.quantize
     if args.heldout:

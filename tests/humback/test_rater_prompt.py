@@ -260,10 +260,9 @@ def test_a_chat_rater_gets_the_presets_rating_budget() -> None:
     assert preset("--curate-args=--batch-size 4").curate == m0.curate + ["--batch-size", "4"]
 
 
-def test_a_chat_rater_gets_the_presets_demonstrations_in_curate_and_evaluate() -> None:
-    """The demo's k = 2 is M0's; a --rater-model gets rater_model_k_shot (3) instead, --k-shot
-    overrides either, and evaluate rates with the k curate used (the preset's evaluate flags do not
-    name their own)."""
+def test_evaluate_rates_with_the_demonstrations_curate_used() -> None:
+    """--k-shot (or the preset's k) reaches curate and evaluate alike, with M0 or a --rater-model:
+    the preset's evaluate and curate flags do not pin a k of their own after it."""
     from humback.flags import pipeline_parser
     from humback.pipeline_run import Run
 
@@ -274,9 +273,8 @@ def test_a_chat_rater_gets_the_presets_demonstrations_in_curate_and_evaluate() -
         flags = Run(None, pre, Path("w"), [], None, 0).eval_flags
         return [flags[i + 1] for i, f in enumerate(flags) if f == "--k-shot"][-1]
     assert preset().k_shot == 2 and eval_k(preset()) == "2"
-    assert preset("--rater-model", "m0").k_shot == 2
     chat = preset("--rater-model", "qwen2.5-coder-1.5b-instruct")
-    assert chat.k_shot == 3 and eval_k(chat) == "3"
+    assert chat.k_shot == 2 and eval_k(chat) == "2"
     mine = preset("--rater-model", "qwen2.5-coder-1.5b-instruct", "--k-shot", "1")
     assert mine.k_shot == 1 and eval_k(mine) == "1"
     assert eval_k(preset("--k-shot", "4")) == "4"  # M0 too: evaluate follows curate
