@@ -484,6 +484,9 @@ def main() -> None:
     def left() -> float:
         return args.budget_s - (time.perf_counter() - t_start)
 
+    def out_of_budget() -> str:  # the row of a part the budget skipped
+        return f"skipped: {max(left(), 0):.0f} s of the budget left"
+
     def publish():
         text = table(header, res, notes, judge=args.device != "cpu")
         out.write_text(text)
@@ -509,7 +512,7 @@ def main() -> None:
         for name in plan:
             if left() < (60 if name == "demo" else 30):
                 for key in ([f"drafts:{w}" for w in DRAFT_STEPS[args.shape]] if name == "drafts" else [name]):
-                    notes[key] = f"skipped: {max(left(), 0):.0f} s of the budget left"
+                    notes[key] = out_of_budget()
                 continue
             print(f"running {name} ...", flush=True)
             if name == "demo":
@@ -518,7 +521,7 @@ def main() -> None:
             if name == "drafts":
                 for what, flags in DRAFT_STEPS[args.shape].items():
                     if left() < 20:
-                        notes[f"drafts:{what}"] = f"skipped: {max(left(), 0):.0f} s of the budget left"
+                        notes[f"drafts:{what}"] = out_of_budget()
                     else:
                         cap = min(work["caps"]["drafts"], left())
                         notes[f"drafts:{what}"] = run_drafted_step(args, model_dir, flags, cap, log)

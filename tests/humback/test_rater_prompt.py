@@ -137,17 +137,24 @@ def test_the_llama2_fallback_rereads_the_reply_as_the_model_wrote_it(tiny_llama2
         assert tok.encode(prompt + want, bos=tok.add_bos) != forced  # glued on, as before this fix
 
 
-def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
+def resolved(*flags: str) -> Preset:
+    """The preset pipeline.py would run with these flags."""
     from humback.flags import pipeline_parser
+    return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", *flags]))
 
-    def preset(*flags: str) -> Preset:
-        return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", *flags]))
-    assignment = preset("--preset", "assignment")
+
+def flag_values(flags: list[str], name: str) -> list[str]:
+    """Every value given to flag ``name`` in ``flags``, in order (argparse keeps the last)."""
+    return [flags[i + 1] for i, f in enumerate(flags) if f == name]
+
+
+def test_the_assignment_preset_rates_with_llama2_7b_chat() -> None:
+    assignment = resolved("--preset", "assignment")
     assert assignment.rater_model == "meta-llama/Llama-2-7b-chat-hf" and assignment.quantize == "nf4"
-    assert preset("--preset", "assignment", "--rater-model", "m0").rater_model is None  # the paper's M0
-    assert preset("--preset", "assignment", "--rater-model", "qwen2.5-coder-1.5b-instruct").rater_model == (
+    assert resolved("--preset", "assignment", "--rater-model", "m0").rater_model is None  # the paper's M0
+    assert resolved("--preset", "assignment", "--rater-model", "qwen2.5-coder-1.5b-instruct").rater_model == (
         "qwen2.5-coder-1.5b-instruct")
-    assert preset("--preset", "paper").rater_model is None and preset("--preset", "demo").rater_model is None
+    assert resolved("--preset", "paper").rater_model is None and resolved("--preset", "demo").rater_model is None
 
 
 def test_evaluate_py_measures_a_chat_rater_in_its_format(tiny_llama2_chat: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -239,45 +246,40 @@ def test_a_chat_rater_gets_the_presets_rating_budget() -> None:
     """The demo preset sizes its 48 rating tokens for M0; a --rater-model (a released chat model,
     reasoning at its own length) gets rater_model_tokens in curate and evaluate instead, and the
     user's --curate-args / --eval-args still come after it (the last flag wins in argparse)."""
-    from humback.flags import pipeline_parser
-
     def preset(*flags: str) -> Preset:
-        return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "demo", *flags]))
-
-    def value(flags: list[str], name: str) -> list[str]:  # every value given to flag ``name``, in order
-        return [flags[i + 1] for i, f in enumerate(flags) if f == name]
+        return resolved("--preset", "demo", *flags)
     m0 = preset()
-    assert value(m0.curate, "--max-new-tokens") == ["48"] and value(m0.evaluate, "--rating-tokens") == ["48"]
+    assert flag_values(m0.curate, "--max-new-tokens") == ["48"]
+    assert flag_values(m0.evaluate, "--rating-tokens") == ["48"]
     chat = preset("--rater-model", "qwen2.5-coder-1.5b-instruct")
-    assert value(chat.curate, "--max-new-tokens") == ["128"] and value(chat.evaluate, "--rating-tokens") == ["128"]
+    assert flag_values(chat.curate, "--max-new-tokens") == ["128"]
+    assert flag_values(chat.evaluate, "--rating-tokens") == ["128"]
     assert len(chat.curate) == len(m0.curate) and len(chat.evaluate) == len(m0.evaluate)  # replaced in place
     by_m0 = preset("--rater-model", "m0")  # M0 keeps the preset's budget
     assert by_m0.curate == m0.curate and by_m0.evaluate == m0.evaluate
     mine = preset("--rater-model", "qwen2.5-coder-1.5b-instruct", "--curate-args=--max-new-tokens 64",
                   "--eval-args=--rating-tokens 32")
-    assert value(mine.curate, "--max-new-tokens") == ["128", "64"]
-    assert value(mine.evaluate, "--rating-tokens") == ["128", "32"]
+    assert flag_values(mine.curate, "--max-new-tokens") == ["128", "64"]
+    assert flag_values(mine.evaluate, "--rating-tokens") == ["128", "32"]
     assert preset("--curate-args=--batch-size 4").curate == m0.curate + ["--batch-size", "4"]
 
 
 def test_evaluate_rates_with_the_demonstrations_curate_used() -> None:
     """--k-shot (or the preset's k) reaches curate and evaluate alike, with M0 or a --rater-model:
     the preset's evaluate and curate flags do not pin a k of their own after it."""
-    from humback.flags import pipeline_parser
     from humback.pipeline_run import Run
 
     def preset(*flags: str) -> Preset:
-        return resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "demo", *flags]))
+        return resolved("--preset", "demo", *flags)
 
     def eval_k(pre: Preset) -> str:  # the last --k-shot evaluate.py gets wins in argparse
-        flags = Run(None, pre, Path("w"), [], None, 0).eval_flags
-        return [flags[i + 1] for i, f in enumerate(flags) if f == "--k-shot"][-1]
+        return flag_values(Run(None, pre, Path("w"), [], None, 0).eval_flags, "--k-shot")[-1]
     assert preset().k_shot == 2 and eval_k(preset()) == "2"
     chat = preset("--rater-model", "qwen2.5-coder-1.5b-instruct")
     assert chat.k_shot == 2 and eval_k(chat) == "2"
     mine = preset("--rater-model", "qwen2.5-coder-1.5b-instruct", "--k-shot", "1")
     assert mine.k_shot == 1 and eval_k(mine) == "1"
     assert eval_k(preset("--k-shot", "4")) == "4"  # M0 too: evaluate follows curate
-    assert resolve_preset(pipeline_parser().parse_args(["--workdir", "w", "--preset", "assignment"])).k_shot == 3
+    assert resolved("--preset", "assignment").k_shot == 3
     for name in PRESETS:  # curate gets pre.k_shot (pipeline.py's curate stage): no preset may pin its own after it
         assert "--k-shot" not in PRESETS[name].curate
